@@ -1,0 +1,1 @@
+"""The ingress's FastAPI app, built by ``create_app`` from its collaborators."""

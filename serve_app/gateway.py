@@ -1,0 +1,69 @@
+"""The collaborators the ingress app is built from, in one place.
+
+``create_app(gateway)`` needs exactly this; the Ray ``Ingress`` deployment fills it with Serve handles
+and the in-process tests fill it with the plain objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from serve_app.catalog import Catalog
+from serve_app.classifier import RoutingPolicy
+from serve_app.engines.base import InferenceEngine
+from serve_app.engines.factory import RemoteEngines
+from serve_app.key_cache import KeyVerifier, RevocationListener, VerifiedKeyCache
+from serve_app.keystore import KeyInfo
+from serve_app.registry import ConfigRegistry
+from serve_app.router import ModelRouter, PromptClassifier
+from serve_app.schemas import ApiKeyCreate
+from serve_app.settings import Settings
+
+
+class KeyAdmin(Protocol):
+    """What the admin routes need from the Auth deployment (or the in-process ``AuthService``)."""
+
+    async def create(self, request: ApiKeyCreate) -> dict[str, Any]: ...
+    async def list(self) -> list[KeyInfo]: ...
+    async def get(self, key_id: str) -> KeyInfo: ...
+    async def revoke(self, key_id: str) -> KeyInfo: ...
+    async def ping(self) -> None: ...
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    keys: VerifiedKeyCache
+    key_admin: KeyAdmin
+    router: ModelRouter
+    # Re-reads configs/ and swaps the router's catalog; returns the diff it applied.
+    refresh_registry: Callable[[], Awaitable[dict[str, Any]]]
+    revocations: RevocationListener
+    # Started with the app (revocation listener), stopped at shutdown (pooled HTTP clients).
+    on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+def build_gateway(settings: Settings, catalog: Catalog, *, verifier: KeyVerifier, key_admin: KeyAdmin,
+                  classifier: PromptClassifier, local_engines: Mapping[str, InferenceEngine]) -> Gateway:
+    """Wire the ingress's collaborators; shared by the Ray ``Ingress`` and in-process tests."""
+    remote = RemoteEngines(catalog, settings)
+    policy = RoutingPolicy.load(settings.routing_config)
+    router = ModelRouter(catalog, {**remote.engines, **local_engines}, policy=policy, classifier=classifier)
+    registry = ConfigRegistry(settings, router, local_engines, remote)
+    keys = VerifiedKeyCache(verifier, ttl_s=settings.key_cache_ttl_s, max_size=settings.key_cache_size,
+                            negative_ttl_s=settings.negative_key_cache_ttl_s,
+                            negative_max_size=settings.negative_key_cache_size)
+    revocations = RevocationListener(keys, settings.redis_url)
+    return Gateway(settings=settings, keys=keys, key_admin=key_admin, router=router,
+                   refresh_registry=registry.refresh, revocations=revocations,
+                   on_startup=[_started(revocations)], on_shutdown=[revocations.stop, registry.aclose])
+
+
+def _started(listener: RevocationListener) -> Callable[[], Awaitable[None]]:
+    async def start() -> None:
+        listener.start()
+
+    return start

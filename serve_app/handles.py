@@ -1,0 +1,70 @@
+"""Serve handles dressed as the plain objects they front, so the ingress code is the same in-process
+and on Ray: ``await client.verify(key)`` instead of ``await handle.verify.remote(key)``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from ray.exceptions import RayTaskError
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.errors import IIRError
+from serve_app.schemas import EmbeddingRequest, GenerateRequest
+
+
+def _unwrap(exc: RayTaskError) -> BaseException:
+    """Re-raise our own errors as themselves so they keep their HTTP status across the hop."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, IIRError) else exc
+
+
+class HandleClient:
+    """Awaitable method calls on a deployment: ``HandleClient(h).name(*args)``."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._handle = handle
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(self._handle, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method.remote(*args, **kwargs)
+            except RayTaskError as exc:
+                raise _unwrap(exc) from None
+
+        return call
+
+
+class ReplicaEngine:
+    """A ``ModelReplica`` deployment seen as an ``InferenceEngine``: one Serve hop per call."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._calls = HandleClient(handle)
+        self._streaming = handle.options(stream=True)
+
+    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+        result: dict[str, Any] = await self._calls.generate(request)
+        return result
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for chunk in self._streaming.stream.remote(request):
+                yield chunk
+        except RayTaskError as exc:
+            raise _unwrap(exc) from None
+
+    async def embed(self, request: EmbeddingRequest) -> dict[str, Any]:
+        result: dict[str, Any] = await self._calls.embed(request)
+        return result
+
+    async def infer(self, payload: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._calls.infer(payload)
+        return result
+
+    async def check_health(self) -> None:
+        await self._calls.check_health()
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,59 @@
+"""Process settings: one class, read from ``IIR_*`` environment variables (and ``.env``).
+
+Built once by the app builder and handed to every deployment, never read per request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# RFC 1918 / RFC 4193 private ranges plus loopback: where admin callers are trusted by default.
+DEFAULT_TRUSTED_NETWORKS = [
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IIR_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    # The embedded default lives in the user's home so every Ray worker finds the same file,
+    # whatever its working directory.
+    database_url: SecretStr = SecretStr(f"sqlite:///{Path.home() / '.iir' / 'iir.db'}")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = Field(0.25, gt=0)
+
+    models_config: Path = REPO_CONFIGS / "models.yaml"
+    providers_config: Path = REPO_CONFIGS / "providers.yaml"
+    routing_config: Path = REPO_CONFIGS / "routing.yaml"
+
+    trusted_networks: list[str] = Field(default_factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
+    # Peers whose X-Forwarded-For we believe; empty means no header is ever believed.
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    key_cache_ttl_s: float = Field(30.0, gt=0, description="backstop when a revocation push is missed")
+    key_cache_size: int = Field(100_000, gt=0)
+    negative_key_cache_ttl_s: float = Field(5.0, ge=0)
+    negative_key_cache_size: int = Field(10_000, gt=0)
+
+    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    upstream_timeout_s: float = Field(120.0, gt=0)
+    upstream_connect_timeout_s: float = Field(5.0, gt=0)
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    log_level: str = "INFO"
+
+    def database_url_plain(self) -> str:
+        return self.database_url.get_secret_value()

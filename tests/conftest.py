@@ -1,0 +1,47 @@
+"""Shared fixtures: test configs pointing at real upstreams started by the tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.fake_upstream import FakeUpstream
+
+REPO = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("IIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("IIR_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(autouse=True)
+def _clean_iir_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests build their own Settings; a developer's IIR_* variables must not leak in."""
+    for name in list(os.environ):
+        if name.startswith("IIR_") and not name.startswith("IIR_TEST_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(api_key="sk-upstream-test") as upstream:
+        yield upstream
+
+
+def write_configs(folder: Path, upstream_base_url: str) -> dict[str, Path]:
+    """The repo's models plus remote models on the tests' fake upstream."""
+    models = yaml.safe_load((REPO / "configs" / "models.yaml").read_text())
+    models["models"] = [m for m in models["models"] if m["id"].startswith("local/")] + [
+        {"id": "fake/echo-chat", "engine": "openai", "task": "chat", "source": "echo-1"},
+        {"id": "fake/echo-embed", "engine": "openai", "task": "embedding", "source": "echo-embed"},
+        {"id": "fake/musicgen", "engine": "http", "task": "generic", "endpoint": "generic/echo"},
+    ]
+    providers = {"providers": [{"name": "fake", "base_url": upstream_base_url,
+                                "api_key_env": "IIR_TEST_UPSTREAM_KEY"}]}
+    paths = {"models_config": folder / "models.yaml", "providers_config": folder / "providers.yaml",
+             "routing_config": REPO / "configs" / "routing.yaml"}
+    paths["models_config"].write_text(yaml.safe_dump(models))
+    paths["providers_config"].write_text(yaml.safe_dump(providers))
+    return paths

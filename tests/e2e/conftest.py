@@ -1,0 +1,87 @@
+"""One real Ray Serve graph for the whole test session, on a free port of 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import write_configs
+from tests.support.fake_upstream import FakeUpstream
+
+
+@dataclass(frozen=True)
+class Graph:
+    base_url: str
+    database_url: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_ready(base_url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(f"{base_url}/ready", timeout=5)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except requests.RequestException as exc:
+            last = str(exc)
+        time.sleep(1)
+    raise RuntimeError(f"graph not ready after {timeout_s}s: {last}")
+
+
+@pytest.fixture(scope="session")
+def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream) -> Iterator[Graph]:
+    import ray
+    from ray import serve
+
+    folder = tmp_path_factory.mktemp("graph")
+    configs = write_configs(folder, fake_upstream.base_url)
+    database_url = f"sqlite:///{folder / 'iir.db'}"
+    port = _free_port()
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "HF_HUB_OFFLINE": "1",
+           "IIR_TEST_UPSTREAM_KEY": fake_upstream.api_key, "IIR_DATABASE_URL": database_url,
+           **{f"IIR_{k.upper()}": str(v) for k, v in configs.items()}}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from serve_app.builder import build_app
+
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
+        base_url = f"http://localhost:{port}"
+        _wait_ready(base_url, timeout_s=240)
+        yield Graph(base_url=base_url, database_url=database_url)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def admin_headers(graph: Graph) -> dict[str, str]:
+    r = requests.post(f"{graph.base_url}/api/v1/apikeys", json={"description": "e2e", "priority": 5},
+                      timeout=30)
+    r.raise_for_status()
+    return {"Authorization": f"Bearer {r.json()['api_key']}"}
+
+
+REPO = Path(__file__).resolve().parents[2]

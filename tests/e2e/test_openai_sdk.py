@@ -1,0 +1,77 @@
+"""The official ``openai`` Python SDK, unmodified, against the graph."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.e2e.conftest import Graph
+
+
+@pytest.fixture(scope="module")
+def client(graph: Graph, admin_headers: dict[str, str]) -> OpenAI:
+    api_key = admin_headers["Authorization"].removeprefix("Bearer ")
+    return OpenAI(base_url=f"{graph.base_url}/v1", api_key=api_key, max_retries=0)
+
+
+@pytest.mark.parametrize("model", [pytest.param("local/smollm2-135m", id="local"),
+                                   pytest.param("fake/echo-chat", id="remote")])
+def test_chat_non_streaming(client: OpenAI, model: str) -> None:
+    resp = client.chat.completions.create(model=model, max_tokens=12, temperature=0,
+                                          messages=[{"role": "user", "content": "Say hi to Ada"}])
+    assert resp.model == model
+    assert resp.choices[0].message.role == "assistant" and resp.choices[0].message.content
+    assert resp.usage is not None and resp.usage.completion_tokens <= 12
+
+
+@pytest.mark.parametrize("model", [pytest.param("local/smollm2-135m", id="local"),
+                                   pytest.param("fake/echo-chat", id="remote")])
+def test_chat_streaming_with_usage(client: OpenAI, model: str) -> None:
+    stream = client.chat.completions.create(model=model, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": "Count to three"}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert all(c.model == model for c in chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_stream_matches_non_stream_at_temperature_zero(client: OpenAI) -> None:
+    kwargs = {"model": "local/smollm2-135m", "max_tokens": 10, "temperature": 0, "seed": 7,
+              "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        stream=True, **kwargs) if c.choices)
+    assert streamed == whole
+
+
+def test_models_list(client: OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert {"local/smollm2-135m", "local/minilm-l6-v2", "fake/echo-chat"} <= ids
+
+
+@pytest.mark.parametrize("model", [pytest.param("local/minilm-l6-v2", id="local"),
+                                   pytest.param("fake/echo-embed", id="remote")])
+def test_embeddings_create(client: OpenAI, model: str) -> None:
+    resp = client.embeddings.create(model=model, input=["first text", "second text"])
+    assert [d.index for d in resp.data] == [0, 1]
+    assert len(resp.data[0].embedding) == len(resp.data[1].embedding) > 0
+    assert resp.model == model
+
+
+def test_completions(client: OpenAI) -> None:
+    resp = client.completions.create(model="local/smollm2-135m", prompt="The sky is", max_tokens=5,
+                                     temperature=0)
+    assert resp.object == "text_completion" and resp.choices[0].text
+
+
+def test_errors_surface_as_sdk_exceptions(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nobody/none", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="local/smollm2-135m", temperature=9,
+                                       messages=[{"role": "user", "content": "x"}])
+    assert bad.value.body["param"] == "temperature"  # type: ignore[index]
