@@ -9,10 +9,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from deployments.auth import Auth
 from deployments.classifier import Classifier
@@ -41,14 +41,20 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                                                               "routing_config"}).items() if v}
     settings = Settings(**overrides)
     catalog = load_catalog(settings.models_config, settings.providers_config)
-    io_bound = {"max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": build.service_num_cpus}}
-    auth = Auth.options(**io_bound).bind(settings)
-    classifier = Classifier.options(**io_bound).bind()
+    io_bound: dict[str, Any] = {"max_ongoing_requests": 256,
+                                "ray_actor_options": {"num_cpus": build.service_num_cpus}}
+    auth = _deployment(Auth).options(**io_bound).bind(settings)
+    classifier = _deployment(Classifier).options(**io_bound).bind()
     models = {spec.id: _model_replica(spec) for spec in catalog.local_models}
-    return Ingress.options(
+    return _deployment(Ingress).options(
         num_replicas=build.ingress_replicas, max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": build.ingress_num_cpus},
     ).bind(settings, catalog, auth, classifier, models)
+
+
+def _deployment(decorated: object) -> Deployment:
+    """``@serve.deployment`` classes are ``Deployment`` objects at run time; type checkers can't tell."""
+    return cast(Deployment, decorated)
 
 
 def _model_replica(spec: ModelSpec) -> Application:
@@ -56,7 +62,7 @@ def _model_replica(spec: ModelSpec) -> Application:
     if spec.resources.accelerator_type:
         actor_options["accelerator_type"] = spec.resources.accelerator_type
     scaling = spec.autoscaling
-    return ModelReplica.options(
+    return _deployment(ModelReplica).options(
         name=spec.deployment_name,
         ray_actor_options=actor_options,
         max_ongoing_requests=spec.max_ongoing_requests,

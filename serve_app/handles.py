@@ -4,10 +4,10 @@ and on Ray: ``await client.verify(key)`` instead of ``await handle.verify.remote
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from ray.exceptions import RayTaskError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve_app.errors import IIRError
 from serve_app.schemas import EmbeddingRequest, GenerateRequest
@@ -50,7 +50,8 @@ class ReplicaEngine:
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
         try:
-            async for chunk in self._streaming.stream.remote(request):
+            chunks = cast(DeploymentResponseGenerator, self._streaming.stream.remote(request))
+            async for chunk in chunks:
                 yield chunk
         except RayTaskError as exc:
             raise _unwrap(exc) from None

@@ -76,8 +76,8 @@ async def test_bad_requests_get_openai_errors(client: httpx.AsyncClient, auth_he
 
 
 async def test_invalid_json_is_400(client: httpx.AsyncClient, auth_headers: dict[str, str]) -> None:
-    r = await client.post("/v1/chat/completions", headers={**auth_headers, "content-type": "application/json"},
-                          content=b"{not json")
+    headers = {**auth_headers, "content-type": "application/json"}
+    r = await client.post("/v1/chat/completions", headers=headers, content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
 

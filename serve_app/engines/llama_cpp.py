@@ -1,0 +1,363 @@
+"""Chat and text completions on CPU with llama-cpp-python (default model: SmolLM2-135M-Instruct GGUF).
+
+llama.cpp is blocking and not thread-safe, and a Ray Serve replica runs our coroutines on its event loop.
+So every model call runs in a worker thread (``asyncio.to_thread``), one at a time: an ``asyncio.Lock``
+queues requests on the loop, and a ``threading.Lock`` guards the model itself, because a cancelled caller
+stops waiting for its thread before that thread has let go of the model.
+
+``llama_cpp`` is imported when an engine is built, never at module import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from serve_app.catalog import ModelSpec, resolve_source
+from serve_app.engines.base import EngineBase, new_id, now, usage
+from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
+from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Tracker:
+    """One generation's window into llama.cpp's sampling loop (see ``_tracked_llama_class``)."""
+
+    limit: int | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@functools.cache
+def _tracked_llama_class() -> type[Any]:
+    import llama_cpp
+
+    class TrackedLlama(llama_cpp.Llama):  # type: ignore[misc]
+        """A ``Llama`` whose token loop reports to the current ``_Tracker``.
+
+        llama-cpp-python's streams carry no usage, and its loop only ends at EOS, a stop string or
+        ``max_tokens``. Every completion path goes through ``generate``, so wrapping it gives exact token
+        counts for streams, lets a request whose caller went away stop at the next token, and enforces
+        ``max_tokens`` even where llama-cpp-python overshoots it to finish a multi-byte character.
+        """
+
+        tracker: _Tracker | None = None
+        reuse_prefix = False
+
+        def generate(  # type: ignore[override]
+            self, tokens: Sequence[int], *args: Any, **kwargs: Any
+        ) -> Iterator[int]:
+            tracker = self.tracker or _Tracker()
+            tracker.prompt_tokens = len(tokens)
+            if not self.reuse_prefix:
+                # Forget the previous request's KV cache: re-evaluating only the unmatched tail of a
+                # prompt gives slightly different logits than evaluating it whole, enough to flip greedy
+                # choices, so the same request at temperature 0 (or with a seed) could answer differently.
+                self.reset()
+            for token in super().generate(tokens, *args, **kwargs):
+                if tracker.cancel.is_set() or tracker.completion_tokens == tracker.limit:
+                    return
+                # An end-of-generation token ends the loop without being part of the completion.
+                if not llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+                    tracker.completion_tokens += 1
+                yield token
+
+    return TrackedLlama
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One choice to generate: llama-cpp-python has no ``n``, so ``n`` choices are ``n`` calls."""
+
+    index: int
+    prompt_index: int  # usage counts each prompt once, as OpenAI does for n > 1
+    messages: list[dict[str, str]] | None
+    prompt: str | None
+    options: dict[str, Any]
+    echo: str = ""
+
+    def start(self, llama: Any, *, stream: bool) -> Any:
+        if self.messages is not None:
+            return llama.create_chat_completion(messages=self.messages, stream=stream, **self.options)
+        return llama.create_completion(prompt=self.prompt, stream=stream, **self.options)
+
+
+class LlamaCppEngine(EngineBase):
+    name = "llama_cpp"
+
+    def __init__(self, model_path: Path, *, n_ctx: int = 2048, n_threads: int | None = None,
+                 reuse_prefix: bool = False, **llama_kwargs: Any) -> None:
+        """``reuse_prefix`` trades reproducible output for skipping the evaluation of a prompt prefix
+        shared with the previous request (long multi-turn chats); ``llama_kwargs`` go to ``Llama``."""
+        llama_kwargs.setdefault("verbose", False)
+        # llama-cpp-python defaults to half the machine's cores; a replica should use what it was given.
+        threads = n_threads or len(os.sched_getaffinity(0))
+        self._llama: Any = _tracked_llama_class()(
+            model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, **llama_kwargs)
+        self._llama.reuse_prefix = reuse_prefix
+        self.model_name = Path(model_path).name
+        self._lock = asyncio.Lock()
+        self._model_lock = threading.Lock()
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> LlamaCppEngine:
+        if not spec.source:
+            raise ValueError(f"{spec.id}: a local model needs 'source'")
+        engine = cls(resolve_source(spec.source), **spec.engine_options)
+        engine.model_name = spec.id
+        return engine
+
+    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+        calls = _plan(request)
+        chat = isinstance(request, ChatCompletionRequest)
+        results = [await self._generate_one(call) for call in calls]
+        pairs = list(zip(calls, results, strict=True))
+        prompt_tokens = {c.prompt_index: r["usage"]["prompt_tokens"] for c, r in pairs}
+        completion_tokens = sum(r["usage"]["completion_tokens"] for r in results)
+        return {
+            "id": new_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion" if chat else "text_completion",
+            "created": now(),
+            "model": self.model_name,
+            "choices": [_choice(c, r["choices"][0], chat) for c, r in pairs],
+            "usage": usage(sum(prompt_tokens.values()), completion_tokens),
+        }
+
+    async def _generate_one(self, call: _Call) -> dict[str, Any]:
+        tracker = _Tracker(limit=call.options["max_tokens"])
+        async with self._lock:
+            task = asyncio.ensure_future(
+                asyncio.to_thread(self._with_model, tracker, functools.partial(call.start, stream=False)))
+            try:
+                return await asyncio.shield(task)
+            finally:
+                await _stop(task, tracker)
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        calls = _plan(request)
+        if request.n > 1:
+            raise UnsupportedParameter("n > 1 is not supported when streaming from this model", param="n")
+        chat = isinstance(request, ChatCompletionRequest)
+        stream_id = new_id("chatcmpl" if chat else "cmpl")
+        frame = functools.partial(_chunk, chat=chat, id=stream_id, created=now(), model=self.model_name)
+        if chat:
+            yield frame(index=0, role=True)
+        prompt_tokens = completion_tokens = 0
+        for call in calls:
+            tracker = _Tracker(limit=call.options["max_tokens"])
+            if call.echo:
+                yield frame(index=call.index, text=call.echo)
+            async for text, finish_reason in self._stream_one(call, tracker):
+                yield frame(index=call.index, text=text, finish_reason=finish_reason)
+            prompt_tokens += tracker.prompt_tokens
+            completion_tokens += tracker.completion_tokens
+        if request.include_usage:
+            yield {**frame(index=0), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+    async def _stream_one(self, call: _Call, tracker: _Tracker) -> AsyncIterator[tuple[str, str | None]]:
+        """Pieces of one choice, from llama-cpp-python's blocking iterator in a worker thread."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def post(kind: str, item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                tracker.cancel.set()
+
+        def produce(llama: Any) -> None:
+            chunks = call.start(llama, stream=True)
+            try:
+                for chunk in chunks:
+                    if tracker.cancel.is_set():
+                        break
+                    post("piece", _piece(chunk))
+            finally:
+                chunks.close()
+
+        def work() -> None:
+            try:
+                self._with_model(tracker, produce)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                post("error", exc)
+            else:
+                post("done", None)
+
+        async with self._lock:
+            task = asyncio.ensure_future(asyncio.to_thread(work))
+            try:
+                while True:
+                    kind, item = await queue.get()
+                    if kind == "error":
+                        raise item
+                    if kind == "done":
+                        return
+                    if item[0] or item[1]:
+                        yield item
+            finally:
+                await _stop(task, tracker)
+
+    def _with_model(self, tracker: _Tracker, work: Callable[[Any], T]) -> T:
+        """Runs in a worker thread, alone with the model."""
+        with self._model_lock:
+            if self._llama is None:
+                raise ServiceUnavailable("the model is closed")
+            self._llama.tracker = tracker
+            try:
+                return work(self._llama)
+            except ValueError as exc:
+                if "context window" in str(exc):
+                    raise InvalidRequest(str(exc), code="context_length_exceeded") from exc
+                raise
+            finally:
+                self._llama.tracker = None
+
+    async def check_health(self) -> None:
+        if self._llama is None:
+            raise ServiceUnavailable("the model is closed")
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        with self._model_lock:
+            if self._llama is not None:
+                self._llama.close()
+                self._llama = None
+
+
+async def _stop(task: asyncio.Future[Any], tracker: _Tracker) -> None:
+    """Keep the request's turn until its thread has let go of the model, stopping it at the next token."""
+    if not task.done():
+        tracker.cancel.set()
+        await asyncio.wait([task])
+
+
+# --- requests -------------------------------------------------------------------------------------------
+
+# Fields whose effect llama-cpp-python cannot reproduce here; refusing beats silently ignoring them.
+# (logprobs would need ``logits_all=True``, which slows every request; logit_bias goes through a custom
+# sampler that llama-cpp-python itself marks as probably broken.)
+_REFUSED = ("logit_bias", "tools", "functions", "audio", "prediction")
+_REFUSED_UNLESS_NONE = ("logprobs", "top_logprobs")
+_HARMLESS_CHOICES = (None, "none", "auto")
+
+
+def _plan(request: GenerateRequest) -> list[_Call]:
+    _check_supported(request)
+    options = _sampling(request)
+    if isinstance(request, ChatCompletionRequest):
+        inputs: list[tuple[list[dict[str, str]] | None, str | None]] = [(_messages(request), None)]
+        fmt = (request.model_extra or {}).get("response_format")
+        if fmt and fmt.get("type") == "json_object":
+            options["response_format"] = {"type": "json_object"}  # llama.cpp constrains it by grammar
+    else:
+        inputs = [(None, prompt) for prompt in request.prompts()]
+    echo = isinstance(request, CompletionRequest) and request.echo
+    return [
+        _Call(index=p * request.n + j, prompt_index=p, messages=messages, prompt=prompt,
+              options={**options, "seed": _seed(request.seed, j)}, echo=prompt if echo and prompt else "")
+        for p, (messages, prompt) in enumerate(inputs)
+        for j in range(request.n)
+    ]
+
+
+def _check_supported(request: GenerateRequest) -> None:
+    extra = request.model_extra or {}
+    for param in _REFUSED:
+        if extra.get(param):
+            raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
+    for param in _REFUSED_UNLESS_NONE:
+        value = extra.get(param)
+        if value is not None and value is not False:  # logprobs=0 still asks for logprobs
+            raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
+    for param in ("tool_choice", "function_call"):
+        if extra.get(param) not in _HARMLESS_CHOICES:
+            raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
+    if extra.get("modalities") not in (None, ["text"]):
+        raise UnsupportedParameter("this model only produces text", param="modalities")
+    fmt = extra.get("response_format")
+    if isinstance(request, ChatCompletionRequest) and fmt and fmt.get("type") not in ("text", "json_object"):
+        raise UnsupportedParameter(
+            "response_format may be 'text' or 'json_object' here", param="response_format")
+    if isinstance(request, CompletionRequest):
+        if request.suffix:
+            raise UnsupportedParameter("suffix needs an infill model", param="suffix")
+        if extra.get("best_of") not in (None, 1, request.n):
+            raise UnsupportedParameter("best_of is not supported by this model", param="best_of")
+
+
+def _sampling(request: GenerateRequest) -> dict[str, Any]:
+    # OpenAI's defaults, not llama-cpp-python's (temperature 0.2/0.8, top_k 40, min_p 0.05), so a request
+    # means the same here as upstream.
+    return {
+        "temperature": 1.0 if request.temperature is None else request.temperature,
+        "top_p": 1.0 if request.top_p is None else request.top_p,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repeat_penalty": 1.0,
+        "presence_penalty": request.presence_penalty or 0.0,
+        "frequency_penalty": request.frequency_penalty or 0.0,
+        "stop": request.stop_list(),
+        "max_tokens": request.token_limit(),
+    }
+
+
+def _seed(seed: int | None, choice: int) -> int:
+    # A fixed seed makes a request reproducible; offsetting it per choice keeps n > 1 choices distinct.
+    return random.getrandbits(32) if seed is None else (seed + choice) & 0xFFFFFFFF
+
+
+def _messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
+    out = []
+    for m in request.messages:
+        extra = m.model_extra or {}
+        if m.role in ("tool", "function") or extra.get("tool_calls") or extra.get("function_call"):
+            raise UnsupportedParameter("this model does not support tool calls", param="messages")
+        if isinstance(m.content, list) and any(part.get("type") != "text" for part in m.content):
+            raise UnsupportedParameter("this model accepts text content only", param="messages")
+        # The model's chat template knows system, user and assistant; "developer" is OpenAI's new "system".
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
+    return out
+
+
+# --- responses ------------------------------------------------------------------------------------------
+
+def _choice(call: _Call, llama_choice: dict[str, Any], chat: bool) -> dict[str, Any]:
+    finish_reason = llama_choice["finish_reason"]
+    if chat:
+        content = llama_choice["message"]["content"] or ""
+        return {"index": call.index, "message": {"role": "assistant", "content": content},
+                "logprobs": None, "finish_reason": finish_reason}
+    return {"index": call.index, "text": call.echo + llama_choice["text"], "logprobs": None,
+            "finish_reason": finish_reason}
+
+
+def _piece(chunk: dict[str, Any]) -> tuple[str, str | None]:
+    """(text, finish_reason) of a llama-cpp-python stream chunk, chat or text."""
+    choice = chunk["choices"][0]
+    text = choice["text"] if "text" in choice else choice.get("delta", {}).get("content")
+    return text or "", choice.get("finish_reason")
+
+
+def _chunk(*, chat: bool, id: str, created: int, model: str, index: int, text: str = "",
+           finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index}
+    if chat:
+        choice["delta"] = {"role": "assistant"} if role else {"content": text} if text else {}
+    else:
+        choice["text"] = text
+    choice.update(logprobs=None, finish_reason=finish_reason)
+    return {"id": id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice]}

@@ -1,0 +1,365 @@
+"""An engine for any OpenAI-compatible upstream: OpenAI, a vLLM server, llama.cpp's server, Ollama.
+
+Requests go out as the caller sent them (unknown fields included) with ``model`` renamed to the upstream's
+name; responses and stream chunks come back untouched. Upstream failures become ``IIRError``s:
+
+    upstream 400/422          → InvalidRequest (upstream message passed through)
+    upstream 401/403          → UpstreamError  code=upstream_auth_failed (our key, never the caller's)
+    upstream 404              → ModelNotFound when it is about the model, else UpstreamError
+    upstream 413              → PayloadTooLarge
+    upstream 429              → RateLimited carrying Retry-After (quota exhaustion → UpstreamError)
+    upstream 5xx, other 4xx   → UpstreamError  code=upstream_error
+    connect error             → UpstreamError  code=upstream_unreachable (after one retry)
+    timeout                   → UpstreamError  code=upstream_timeout
+    stream cut / error event  → UpstreamError  code=upstream_stream_interrupted, raised from the iterator
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import socket
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
+
+import httpx
+
+from serve_app.catalog import ModelSpec, ProviderSpec
+from serve_app.engines.base import EngineBase
+from serve_app.errors import (
+    IIRError,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamError,
+)
+from serve_app.schemas import ChatCompletionRequest, EmbeddingRequest, GenerateRequest
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 3.0
+_CONNECT_RETRY_DELAY_S = 0.1
+# Upstream messages can quote our key prefix or organisation id; neither belongs in a caller's response.
+_SECRETS = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|org-[A-Za-z0-9]{6,})")
+
+
+def make_http_client(timeout_s: float = 120.0, connect_timeout_s: float = 5.0) -> httpx.AsyncClient:
+    """One pooled client per provider, shared by all its models.
+
+    The read timeout bounds the wait for each chunk (time to first token included), not the whole
+    stream, so long generations are fine while a stalled upstream is not.
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30.0),
+        follow_redirects=False,
+    )
+
+
+class RemoteEngine(EngineBase):
+    name = "remote"
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        client: httpx.AsyncClient,
+        upstream_model: str | None = None,
+        endpoint: str | None = None,
+        provider: str = "upstream",
+        api_key_env: str | None = None,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._client = client
+        self._model = upstream_model
+        self._endpoint = endpoint.strip("/") if endpoint else None
+        self._provider = provider
+        self._key_env = api_key_env
+        self._has_key = bool(api_key)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, provider: ProviderSpec, client: httpx.AsyncClient) -> RemoteEngine:
+        key = os.environ.get(provider.api_key_env) if provider.api_key_env else None
+        if provider.api_key_env and not key:
+            # Start anyway: one provider without a key must not keep the gateway down; health says why.
+            log.warning("provider %s: environment variable %s is not set",
+                        provider.name, provider.api_key_env)
+        return cls(
+            base_url=provider.base_url,
+            api_key=key or None,
+            client=client,
+            upstream_model=spec.upstream_name,
+            endpoint=spec.endpoint if spec.engine == "http" else None,
+            provider=provider.name,
+            api_key_env=provider.api_key_env,
+        )
+
+    def __repr__(self) -> str:  # shows up in logs and tracebacks: name the upstream, never the key
+        return f"RemoteEngine(base_url={self._base!r}, model={self._model!r}, endpoint={self._endpoint!r})"
+
+    # -- operations -------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+        if self._endpoint:
+            return await super().generate(request)
+        body = self._body(request)
+        body["stream"] = False
+        body.pop("stream_options", None)  # OpenAI refuses stream_options without stream
+        return await self._post_json(_path_for(request), body)
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+        if self._endpoint:
+            async for chunk in super().stream(request):
+                yield chunk
+            return
+        body = self._body(request)
+        body["stream"] = True
+        async with (
+            self._open(_path_for(request), body, stream=True) as response,
+            aclosing(self._chunks(response)) as chunks,
+        ):
+            async for chunk in chunks:
+                yield chunk
+
+    async def embed(self, request: EmbeddingRequest) -> dict[str, Any]:
+        if self._endpoint:
+            return await super().embed(request)
+        return await self._post_json("embeddings", self._body(request))
+
+    async def infer(self, payload: dict[str, Any]) -> dict[str, Any]:
+        if not self._endpoint:
+            return await super().infer(payload)
+        return await self._post_json(self._endpoint, payload, openai=False)
+
+    async def aclose(self) -> None:
+        """Nothing to do: the HTTP client belongs to the provider and is shared by its models."""
+
+    async def check_health(self) -> None:
+        if self._key_env and not self._has_key:
+            raise ServiceUnavailable(f"provider {self._provider!r}: {self._key_env} is not set")
+        try:
+            resp = await self._client.get(self._url("models"), headers=self._headers,
+                                          timeout=HEALTH_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"provider {self._provider!r} unreachable: {_describe(exc)}") from exc
+        # A generic http service need not list models; reaching it with valid credentials is enough.
+        acceptable = resp.status_code < 500 if self._endpoint else resp.is_success
+        if resp.status_code in (401, 403) or not acceptable:
+            raise ServiceUnavailable(f"provider {self._provider!r} health check: HTTP {resp.status_code}")
+
+    # -- request plumbing -------------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        return f"{self._base}/{path}"
+
+    def _body(self, request: GenerateRequest | EmbeddingRequest) -> dict[str, Any]:
+        # exclude_unset: forward what the caller sent (extra fields included), not defaults we filled in.
+        # exclude_none: in OpenAI's API null means "use the default"; some upstreams (llama.cpp) reject it.
+        body = request.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+        body["model"] = self._model or request.model
+        return body
+
+    async def _post_json(self, path: str, body: dict[str, Any], *, openai: bool = True) -> dict[str, Any]:
+        async with self._open(path, body, stream=False) as response:
+            try:
+                data = response.json()
+            except ValueError as exc:
+                raise UpstreamError(f"{self._who()} returned a response that is not JSON") from exc
+        # Some OpenAI-compatible servers report errors with a 200; a generic service's JSON is its own.
+        if openai and isinstance(data, dict) and data.get("error"):
+            raise _error_from_body(data, self._who(), code="upstream_error")
+        if not isinstance(data, dict):
+            raise UpstreamError(f"{self._who()} returned JSON that is not an object")
+        return data
+
+    @asynccontextmanager
+    async def _open(self, path: str, body: dict[str, Any], *, stream: bool) -> AsyncIterator[httpx.Response]:
+        """Send, retrying a failed connect once (nothing reached the upstream), and map error statuses."""
+        request = self._client.build_request("POST", self._url(path), json=body, headers=self._headers)
+        response = await self._send(request, stream=stream)
+        try:
+            if response.status_code >= 400:
+                if stream:
+                    with contextlib.suppress(httpx.HTTPError):  # a lost error body still has its status
+                        await response.aread()
+                raise self._status_error(response)
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _send(self, request: httpx.Request, *, stream: bool) -> httpx.Response:
+        for attempt in (1, 2):
+            try:
+                return await self._client.send(request, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if attempt == 1:
+                    await asyncio.sleep(_CONNECT_RETRY_DELAY_S)
+                    continue
+                log.warning("%s: connect to %s failed twice: %s", self._who(), request.url, _describe(exc))
+                raise UpstreamError(f"could not connect to {self._who()}: {_describe(exc)}",
+                                    code="upstream_unreachable") from exc
+            except httpx.TimeoutException as exc:
+                raise UpstreamError(f"{self._who()} timed out: {_describe(exc)}",
+                                    code="upstream_timeout") from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamError(f"{self._who()} request failed: {_describe(exc)}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _chunks(self, response: httpx.Response) -> AsyncGenerator[dict[str, Any]]:
+        """Yield each SSE ``data`` payload as it arrives; anything but a clean ``[DONE]`` raises."""
+        try:
+            async for event, data in _sse_events(response):
+                if data == "[DONE]":
+                    return
+                chunk = _parse_chunk(event, data, self._who())
+                yield chunk
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(f"{self._who()} stalled mid-stream: {_describe(exc)}",
+                                code="upstream_timeout") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{self._who()} stream was cut: {_describe(exc)}",
+                                code="upstream_stream_interrupted") from exc
+        raise UpstreamError(f"{self._who()} stream ended without [DONE]", code="upstream_stream_interrupted")
+
+    def _who(self) -> str:
+        return f"upstream {self._provider!r}"
+
+    def _status_error(self, response: httpx.Response) -> IIRError:
+        status, who = response.status_code, self._who()
+        err = _openai_error(response)
+        message = _clean(err.get("message") or f"HTTP {status}", brief=status >= 500)
+        code = err.get("code") if isinstance(err.get("code"), str) else None
+        level = logging.INFO if status < 500 and status not in (401, 403) else logging.WARNING
+        log.log(level, "%s answered HTTP %d (%s)", who, status, code or "no code")
+        if status in (401, 403):
+            hint = f"; set {self._key_env}" if self._key_env and not self._has_key else ""
+            # Our caller's IIR key is fine: a 401 from us would tell them otherwise.
+            return UpstreamError(f"{who} rejected the gateway's credentials (HTTP {status}){hint}",
+                                 code="upstream_auth_failed")
+        if status == 429:
+            if code == "insufficient_quota":  # our account's billing, not something the caller can wait out
+                return UpstreamError(f"{who} quota exhausted: {message}", code="upstream_quota_exhausted")
+            return RateLimited(f"{who}: {message}", headers=_retry_after(response))
+        if status == 404:
+            if code == "model_not_found" or "model" in message.lower():
+                return ModelNotFound(f"{who}: {message}", param="model")
+            return UpstreamError(f"{who} has no such endpoint (HTTP 404): {message}")
+        if status == 413:
+            return PayloadTooLarge(f"{who}: {message}")
+        # The request passed our validation but not the upstream's: still the caller's to fix.
+        if status in (400, 422):
+            return InvalidRequest(message, param=_str_or_none(err.get("param")), code=code)
+        return UpstreamError(f"{who} failed (HTTP {status}): {message}", headers=_retry_after(response))
+
+
+def _path_for(request: GenerateRequest) -> str:
+    return "chat/completions" if isinstance(request, ChatCompletionRequest) else "completions"
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """Minimal server-sent-events reader: (event type, data) per blank-line-terminated event."""
+    event, data = "message", list[str]()
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        # ":" comments (keep-alives), "id:" and "retry:" carry nothing we forward.
+    if data:  # a last event without its blank line still counts (it may be [DONE])
+        yield event, "\n".join(data)
+
+
+def _parse_chunk(event: str, data: str, who: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise UpstreamError(f"{who} sent a stream event that is not JSON",
+                            code="upstream_stream_interrupted") from exc
+    if event == "error" or not isinstance(chunk, dict) or "error" in chunk or chunk.get("object") == "error":
+        raise _error_from_body(chunk, who, code="upstream_stream_interrupted")
+    return chunk
+
+
+def _error_from_body(body: Any, who: str, *, code: str) -> UpstreamError:
+    err = _error_dict(body)
+    message = _clean(err.get("message") or "no message", brief=True)
+    return UpstreamError(f"{who} reported an error: {message}", code=code)
+
+
+def _openai_error(response: httpx.Response) -> dict[str, Any]:
+    try:
+        return _error_dict(response.json())
+    except ValueError:
+        return {}
+
+
+def _error_dict(body: Any) -> dict[str, Any]:
+    """The ``error`` object of OpenAI-shaped bodies, tolerating vLLM's and FastAPI's variants."""
+    if not isinstance(body, dict):
+        return {}
+    err = body.get("error")
+    if isinstance(err, dict):
+        return err
+    if isinstance(err, str):
+        return {"message": err}
+    if body.get("object") == "error" or "message" in body:  # vLLM's older flat shape
+        return body
+    if isinstance(body.get("detail"), str):  # FastAPI's HTTPException
+        return {"message": body["detail"]}
+    return {}
+
+
+def _retry_after(response: httpx.Response) -> dict[str, str]:
+    value = response.headers.get("retry-after")
+    if value:
+        return {"Retry-After": value}
+    ms = response.headers.get("retry-after-ms")  # OpenAI sometimes sends only this one
+    try:
+        return {"Retry-After": str(max(1, math.ceil(float(ms) / 1000)))} if ms else {}
+    except ValueError:
+        return {}
+
+
+def _clean(message: Any, *, brief: bool) -> str:
+    """Upstream text fit for our caller: secrets masked; for server errors only the first line, since
+    some servers (llama-cpp-python) append tracebacks with their file paths."""
+    text = _SECRETS.sub("[redacted]", str(message))
+    if brief:
+        text = text.strip().split("\n", 1)[0][:300]
+    return text[:2000]
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _describe(exc: BaseException) -> str:
+    """httpx says "All connection attempts failed"; the cause it wraps says why, which operators need."""
+    cause: BaseException | None = exc
+    for _ in range(6):
+        if cause is None:
+            break
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return "host name not resolved"
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.ReadTimeout):
+        return "no data within the read timeout"
+    if isinstance(exc, httpx.PoolTimeout):
+        return "no free connection in the pool"  # our side is saturated, not the upstream
+    return str(exc) or type(exc).__name__
