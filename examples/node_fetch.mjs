@@ -23,13 +23,13 @@ const models = await (await call("/v1/models", { method: "GET", headers: auth })
 
 const chat = await (await call("/v1/chat/completions", {
   headers: auth,
-  body: { model, max_tokens: 16, messages: [{ role: "user", content: "Hello!" }] },
+  body: { model, max_tokens: 16, temperature: 0, messages: [{ role: "user", content: "Hello!" }] },
 })).json();
 
 // Streaming: read the SSE body chunk by chunk until `data: [DONE]`.
 const streamRes = await call("/v1/chat/completions", {
   headers: auth,
-  body: { model, max_tokens: 16, stream: true, messages: [{ role: "user", content: "Hi there" }] },
+  body: { model, max_tokens: 16, temperature: 0, stream: true, messages: [{ role: "user", content: "Hi there" }] },
 });
 let streamed = "";
 let sawDone = false;

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import DateTime, Engine, Integer, String, create_engine, event, select, text
@@ -168,6 +169,9 @@ def _make_engine(database_url: str, connect_timeout_s: float) -> Engine:
             # One shared connection, or each worker thread would see its own empty in-memory database.
             kwargs["poolclass"] = StaticPool
             del kwargs["pool_timeout"]
+        else:
+            # The embedded default (~/.iir/iir.db) must work on a fresh machine.
+            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     elif url.get_driver_name() in ("psycopg2", "psycopg"):
         kwargs["connect_args"] = {
             "connect_timeout": max(1, round(connect_timeout_s)),

@@ -55,9 +55,9 @@ class SentenceTransformerEngine(EngineBase):
     async def embed(self, request: EmbeddingRequest) -> dict[str, Any]:
         texts = _texts(request)
         dims = self._target_dimensions(request.dimensions)
-        if self._model is None:
-            raise ServiceUnavailable("embedding model is closed")
         async with self._lock:
+            if self._model is None:  # checked under the lock: aclose may have run while we waited
+                raise ServiceUnavailable("embedding model is closed")
             vectors, tokens = await asyncio.to_thread(self._encode, texts)
         if dims < self.dimension:
             vectors = _truncate(vectors, dims)

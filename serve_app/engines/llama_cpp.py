@@ -11,11 +11,12 @@ stops waiting for its thread before that thread has let go of the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedPara
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 T = TypeVar("T")
+_Piece = tuple[str, str | None]  # (text, finish_reason)
 
 
 @dataclass
@@ -100,8 +102,12 @@ class LlamaCppEngine(EngineBase):
         """``reuse_prefix`` trades reproducible output for skipping the evaluation of a prompt prefix
         shared with the previous request (long multi-turn chats); ``llama_kwargs`` go to ``Llama``."""
         llama_kwargs.setdefault("verbose", False)
-        # llama-cpp-python defaults to half the machine's cores; a replica should use what it was given.
-        threads = n_threads or len(os.sched_getaffinity(0))
+        # ggml's threads spin at barriers, so more threads than free cores is ruinous: with one of two cores
+        # busy, 200 tokens took 31 s on 2 threads and 2.9 s on 1. Default to half the cores (as
+        # llama-cpp-python does) and use the same count for prompt evaluation, which it would run on
+        # every core; configs should set n_threads to the replica's num_cpus.
+        threads = n_threads or max(1, len(os.sched_getaffinity(0)) // 2)
+        llama_kwargs.setdefault("n_threads_batch", threads)
         self._llama: Any = _tracked_llama_class()(
             model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, **llama_kwargs)
         self._llama.reuse_prefix = reuse_prefix
@@ -157,14 +163,17 @@ class LlamaCppEngine(EngineBase):
             tracker = _Tracker(limit=call.options["max_tokens"])
             if call.echo:
                 yield frame(index=call.index, text=call.echo)
-            async for text, finish_reason in self._stream_one(call, tracker):
-                yield frame(index=call.index, text=text, finish_reason=finish_reason)
+            # aclosing: when our consumer leaves, the inner generator must stop the model now, not whenever
+            # it is garbage-collected.
+            async with contextlib.aclosing(self._stream_one(call, tracker)) as pieces:
+                async for text, finish_reason in pieces:
+                    yield frame(index=call.index, text=text, finish_reason=finish_reason)
             prompt_tokens += tracker.prompt_tokens
             completion_tokens += tracker.completion_tokens
         if request.include_usage:
             yield {**frame(index=0), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
-    async def _stream_one(self, call: _Call, tracker: _Tracker) -> AsyncIterator[tuple[str, str | None]]:
+    async def _stream_one(self, call: _Call, tracker: _Tracker) -> AsyncGenerator[_Piece, None]:
         """Pieces of one choice, from llama-cpp-python's blocking iterator in a worker thread."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -259,8 +268,7 @@ def _plan(request: GenerateRequest) -> list[_Call]:
     options = _sampling(request)
     if isinstance(request, ChatCompletionRequest):
         inputs: list[tuple[list[dict[str, str]] | None, str | None]] = [(_messages(request), None)]
-        fmt = (request.model_extra or {}).get("response_format")
-        if fmt and fmt.get("type") == "json_object":
+        if _response_format(request) == "json_object":
             options["response_format"] = {"type": "json_object"}  # llama.cpp constrains it by grammar
     else:
         inputs = [(None, prompt) for prompt in request.prompts()]
@@ -287,8 +295,8 @@ def _check_supported(request: GenerateRequest) -> None:
             raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
     if extra.get("modalities") not in (None, ["text"]):
         raise UnsupportedParameter("this model only produces text", param="modalities")
-    fmt = extra.get("response_format")
-    if isinstance(request, ChatCompletionRequest) and fmt and fmt.get("type") not in ("text", "json_object"):
+    if isinstance(request, ChatCompletionRequest) and _response_format(request) not in (None, "text",
+                                                                                       "json_object"):
         raise UnsupportedParameter(
             "response_format may be 'text' or 'json_object' here", param="response_format")
     if isinstance(request, CompletionRequest):
@@ -296,6 +304,15 @@ def _check_supported(request: GenerateRequest) -> None:
             raise UnsupportedParameter("suffix needs an infill model", param="suffix")
         if extra.get("best_of") not in (None, 1, request.n):
             raise UnsupportedParameter("best_of is not supported by this model", param="best_of")
+
+
+def _response_format(request: ChatCompletionRequest) -> str | None:
+    fmt = (request.model_extra or {}).get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise InvalidRequest("response_format must be an object with a 'type'", param="response_format")
+    return fmt["type"]
 
 
 def _sampling(request: GenerateRequest) -> dict[str, Any]:
@@ -344,7 +361,7 @@ def _choice(call: _Call, llama_choice: dict[str, Any], chat: bool) -> dict[str, 
             "finish_reason": finish_reason}
 
 
-def _piece(chunk: dict[str, Any]) -> tuple[str, str | None]:
+def _piece(chunk: dict[str, Any]) -> _Piece:
     """(text, finish_reason) of a llama-cpp-python stream chunk, chat or text."""
     choice = chunk["choices"][0]
     text = choice["text"] if "text" in choice else choice.get("delta", {}).get("content")

@@ -1,0 +1,46 @@
+"""Run ``FakeUpstream`` in its own process, so its CPU is not charged to the gateway or the client.
+
+    python -m bench.upstream_runner --api-key KEY
+
+Prints one JSON line ``{"port": ..., "pid": ...}`` once it listens, then serves until SIGTERM/SIGINT
+or until its stdin closes (the parent went away), whichever comes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from tests.support.fake_upstream import FakeUpstream
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--api-key", required=True)
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+
+    def _stop(*_: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+    def _watch_parent() -> None:
+        sys.stdin.read()  # returns at EOF: the parent closed the pipe or died
+        stop.set()
+
+    threading.Thread(target=_watch_parent, daemon=True, name="parent-watch").start()
+    with FakeUpstream(api_key=args.api_key, max_recorded=16) as upstream:
+        print(json.dumps({"port": upstream.port, "pid": os.getpid()}), flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

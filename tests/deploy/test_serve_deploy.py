@@ -1,0 +1,92 @@
+"""``serve deploy serve_config.yaml`` against ``ray start --head``, as a platform engineer runs it.
+
+Runs before the shared graph of tests/e2e (directory order) so the two Ray clusters never overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, timeout_s: float) -> requests.Response:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            r = requests.get(url, timeout=5)
+            if r.status_code == 200 or time.monotonic() > deadline:
+                return r
+        except requests.RequestException:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    folder = tmp_path_factory.mktemp("cluster")
+    dashboard_port = _free_port()
+    env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "HF_HUB_OFFLINE": "1",
+           "IIR_DATABASE_URL": f"sqlite:///{folder / 'iir.db'}", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    # --block keeps Ray's daemons under this process group, so teardown stops this cluster only
+    # (`ray stop` would stop every Ray on the machine).
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(f"http://127.0.0.1:{dashboard_port}/api/version", timeout_s=120)
+        yield {**env, "RAY_AUTH_MODE": "token", "DASHBOARD": f"http://127.0.0.1:{dashboard_port}"}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_serve_deploy_of_the_repo_config(ray_head: dict[str, str], tmp_path: Path) -> None:
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    port = _free_port()
+    # Only the port changes: the suite must not depend on 8000 being free.
+    config["http_options"].update(host="127.0.0.1", port=port)
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    deploy = subprocess.run([str(BIN / "serve"), "deploy", str(path), "-a", ray_head["DASHBOARD"]],
+                            env=ray_head, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert deploy.returncode == 0, deploy.stderr[-2000:]
+
+    ready = _wait(f"http://127.0.0.1:{port}/ready", timeout_s=300)
+    assert ready.status_code == 200, ready.text
+    base = f"http://127.0.0.1:{port}"
+    created = requests.post(f"{base}/api/v1/apikeys", json={"description": "deploy", "priority": 1})
+    key = created.json()["api_key"]
+    chat = requests.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "local/smollm2-135m", "max_tokens": 8, "temperature": 0,
+                               "messages": [{"role": "user", "content": "What is the capital of France?"}]},
+                         timeout=60)
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"].strip()
+
+    status = subprocess.run([str(BIN / "serve"), "status", "-a", ray_head["DASHBOARD"]], env=ray_head,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "RUNNING" in status.stdout
