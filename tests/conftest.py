@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.llama_server import llama_server  # noqa: F401 - session fixture for every test
 
 REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("IIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -30,8 +31,8 @@ def fake_upstream() -> Iterator[FakeUpstream]:
         yield upstream
 
 
-def write_configs(folder: Path, upstream_base_url: str) -> dict[str, Path]:
-    """The repo's models plus remote models on the tests' fake upstream."""
+def write_configs(folder: Path, upstream_base_url: str, llama_base_url: str | None = None) -> dict[str, Path]:
+    """The repo's models plus remote models on the tests' fake upstream (and llama.cpp's server)."""
     models = yaml.safe_load((REPO / "configs" / "models.yaml").read_text())
     models["models"] = [m for m in models["models"] if m["id"].startswith("local/")] + [
         {"id": "fake/echo-chat", "engine": "openai", "task": "chat", "source": "echo-1"},
@@ -40,6 +41,10 @@ def write_configs(folder: Path, upstream_base_url: str) -> dict[str, Path]:
     ]
     providers = {"providers": [{"name": "fake", "base_url": upstream_base_url,
                                 "api_key_env": "IIR_TEST_UPSTREAM_KEY"}]}
+    if llama_base_url:
+        models["models"].append({"id": "llamacpp/smollm2-135m", "engine": "openai", "task": "chat",
+                                 "source": "smollm2-135m"})
+        providers["providers"].append({"name": "llamacpp", "base_url": llama_base_url})
     paths = {"models_config": folder / "models.yaml", "providers_config": folder / "providers.yaml",
              "routing_config": REPO / "configs" / "routing.yaml"}
     paths["models_config"].write_text(yaml.safe_dump(models))

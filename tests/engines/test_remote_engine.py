@@ -22,7 +22,7 @@ from serve_app.errors import (
 )
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from tests.support.fake_upstream import FakeUpstream, embedding_for, expected_reply
-from tests.support.llama_server import MODEL_ALIAS, LlamaServer, llama_server  # noqa: F401
+from tests.support.llama_server import MODEL_ALIAS, LlamaServer
 
 KEY = "sk-test-upstream-key"
 PROMPT = "one two three four five six"
@@ -336,7 +336,7 @@ async def test_health_without_the_configured_key(
 
 
 @pytest.fixture
-async def llama_engine(llama_server: LlamaServer) -> AsyncIterator[RemoteEngine]:  # noqa: F811
+async def llama_engine(llama_server: LlamaServer) -> AsyncIterator[RemoteEngine]:
     # CPU inference on a busy CI machine can take seconds: a roomier timeout than the fake's.
     async with make_http_client(timeout_s=60, connect_timeout_s=2) as client:
         yield RemoteEngine(base_url=llama_server.base_url, api_key=None, client=client,
