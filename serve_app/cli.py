@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     from serve_app.builder import build_app
 
     settings = Settings()
-    ray.init(num_cpus=args.num_cpus, include_dashboard=args.dashboard, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=args.dashboard)
     serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
     serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
     print(f"IIR is serving on http://{settings.http_host}:{settings.http_port}", flush=True)  # noqa: T201

@@ -59,7 +59,8 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
     os.environ.update(env)
     from serve_app.builder import build_app
 
-    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    # address="local": always a fresh cluster of our own, never one some other process left running.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
