@@ -99,6 +99,9 @@ class KeyInfo:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    # Per-key limits enforced by the ingress (None: no limit of that kind).
+    rate_limit_rpm: int | None = None
+    rate_limit_tpm: int | None = None
     # Not secret (it cannot be reversed), but internal: ingress caches are keyed by it, and revocation
     # messages carry it. Kept out of repr and ``to_public``.
     key_hash: str = field(default="", repr=False)
