@@ -2,10 +2,13 @@
 
     .venv/bin/python bench/gateway_bench.py [--json out.json]
     .venv/bin/python bench/gateway_bench.py --no-throughput-optimized   # Serve's defaults, c=1/16 only
+    .venv/bin/python bench/gateway_bench.py --upstream-delay-ms 50 --concurrency 16 64 \
+        --stream-concurrency --local-requests 0                          # a slow provider
 
 Starts a fake OpenAI-compatible upstream in its own process and the real IIR graph on a local Ray
 (``ray.init(num_cpus=4)``, SQLite key store, ``configs/models.yaml`` plus remote models on the fake
-upstream), then drives ``fake/echo-chat`` with the same asyncio/httpx client three ways:
+upstream), then drives ``fake/echo-chat`` with the same asyncio client (aiohttp, see bench/loadgen.py)
+three ways:
 
     direct            the upstream itself                          (the baseline)
     iir-proxy         Serve's HTTP proxy (the ``:8000`` port)       proxy → ingress replica → upstream
@@ -62,10 +65,11 @@ class Upstream:
 
 
 @contextlib.contextmanager
-def upstream_process() -> Iterator[Upstream]:
+def upstream_process(delay_ms: float = 0.0) -> Iterator[Upstream]:
     # Its own session: a Ctrl-C reaches only us, and we stop it in order (after Ray).
-    proc = subprocess.Popen([sys.executable, "-m", "bench.upstream_runner", "--api-key", UPSTREAM_KEY],
-                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    command = [sys.executable, "-m", "bench.upstream_runner", "--api-key", UPSTREAM_KEY,
+               "--first-byte-delay-ms", str(delay_ms)]
+    proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         assert proc.stdout is not None
@@ -141,9 +145,11 @@ def iir_graph(configs: dict[str, Path], database_url: str, *, throughput_optimiz
         _wait_ready(base_url, timeout_s=240)
         yield Graph(base_url=base_url, startup_s=time.perf_counter() - start)
     finally:
+        stop = time.perf_counter()
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        print(f"graph shut down in {time.perf_counter() - stop:.1f} s", flush=True)
 
 
 def _create_key(base_url: str) -> dict[str, str]:
@@ -181,7 +187,8 @@ async def _remote_steps(targets: list[Target], meter: CpuMeter, args: argparse.N
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"meta": _meta(args), "steps": [], "local": {}}
     steps: list[StepResult] = []
-    with tempfile.TemporaryDirectory(prefix="iir-bench-") as tmp, upstream_process() as upstream:
+    with (tempfile.TemporaryDirectory(prefix="iir-bench-") as tmp,
+          upstream_process(args.upstream_delay_ms) as upstream):
         from tests.conftest import write_configs
 
         configs = write_configs(Path(tmp), upstream.base_url)
@@ -226,7 +233,8 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
     return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "ray": version("ray"),
             "throughput_optimized": args.throughput_optimized, "step_seconds": args.step_seconds,
-            "max_requests": args.max_requests, "client": args.client, "argv": sys.argv[1:]}
+            "max_requests": args.max_requests, "client": args.client,
+            "upstream_delay_ms": args.upstream_delay_ms, "argv": sys.argv[1:]}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -243,6 +251,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="stream concurrency levels (default 1 16)")
     parser.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp",
                         help="load-generator client (httpx collapses at high concurrency: bench/loadgen.py)")
+    parser.add_argument("--upstream-delay-ms", type=float, default=0.0,
+                        help="the fake upstream waits this long per request (keeps calls in flight)")
     parser.add_argument("--local-requests", type=int, default=None,
                         help="local-model requests per measurement, 0 skips it (default 5)")
     return parser

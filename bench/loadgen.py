@@ -1,9 +1,10 @@
 """A small closed-loop load generator (asyncio, one keep-alive pool per step) and a CPU meter.
 
 The default client is ``aiohttp``: against the bare fake upstream on this 2-core box it sustains
-~5,000 req/s at 64 connections, where ``httpx.AsyncClient`` managed 60-80 req/s with a 0.6-0.7 s median
-(encode/httpx#3215), so an httpx-driven run measures the client, not the gateway. ``--client httpx``
-reproduces that.
+2,000-6,000 req/s at 64 connections, where ``httpx.AsyncClient`` managed 60-95 req/s with a 0.5-0.7 s
+median and 7 ms of client CPU per request (httpcore's pool scans every connection on every request
+event: encode/httpx#3215), so an httpx-driven run measures the client, not the gateway. ``--client
+httpx`` reproduces that.
 
 Each step runs ``concurrency`` workers that send one request after another until ``duration_s`` has
 passed or ``max_requests`` have been sent, whichever comes first, after a short untimed warm-up that

@@ -14,7 +14,7 @@ def render(results: dict[str, Any]) -> str:
     lines = [f"date {meta['date']}, {meta['cpus']} CPUs, ray {meta['ray']}, "
              f"RAY_SERVE_THROUGHPUT_OPTIMIZED={int(meta['throughput_optimized'])}, "
              f"{meta['step_seconds']:g} s per step (≤ {meta['max_requests']} requests, "
-             f"{meta['client']} client), "
+             f"{meta['client']} client, upstream delay {meta.get('upstream_delay_ms', 0):g} ms), "
              f"load average {meta['loadavg_start'][0]} at start / "
              f"{meta.get('loadavg_end', ['?'])[0]} at end, "
              f"graph cold start {meta.get('startup_s', '?')} s",
