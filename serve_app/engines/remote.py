@@ -29,6 +29,7 @@ from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from serve_app.catalog import ModelSpec, ProviderSpec
 from serve_app.engines.base import EngineBase
@@ -56,10 +57,15 @@ def make_http_client(timeout_s: float = 120.0, connect_timeout_s: float = 5.0) -
 
     The read timeout bounds the wait for each chunk (time to first token included), not the whole
     stream, so long generations are fine while a stalled upstream is not.
+
+    httpx's API over aiohttp's connection pool: httpx's own pool bookkeeping cost 7.3 ms of CPU per
+    request at 64 concurrent (encode/httpx#3215), aiohttp's ~0.2 ms (docs/PERFORMANCE.md).
     """
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30.0)
     return httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits),
         timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-        limits=httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30.0),
+        limits=limits,
         follow_redirects=False,
     )
 
