@@ -1,4 +1,5 @@
-"""The ``iir`` command: ``iir serve`` runs the graph on a local Ray; ``iir keys ...`` manages keys."""
+"""The ``iir`` command: ``iir serve`` runs the graph on a local Ray; ``iir keys ...`` manages keys;
+``iir db upgrade`` applies schema migrations."""
 
 from __future__ import annotations
 
@@ -9,14 +10,24 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
+from serve_app.models import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, SCOPE_INFERENCE
 from serve_app.settings import Settings
+
+if TYPE_CHECKING:
+    from serve_app.keystore import KeyStore
 
 # Throughput-optimized Serve (gRPC between replicas, user code on the replica's loop) also gives each
 # ingress replica its own HTTP port: 3-4x port 8000's req/s here (docs/PERFORMANCE.md). Read by every
 # Ray process, so it is set before ray.init.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "HF_HUB_OFFLINE": "1"}
+SERVE_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "HF_HUB_OFFLINE": "1",
+    # Serve keeps a draining ingress port open 30 s for load balancers; a local router has none.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -42,30 +53,78 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     while not stop:
         time.sleep(0.5)
+    print("stopping IIR…", flush=True)  # noqa: T201
     serve.shutdown()
     ray.shutdown()
     return 0
 
 
-def _keys(args: argparse.Namespace) -> int:
+def _store() -> KeyStore:
     from serve_app.keystore import KeyStore
 
     store = KeyStore(Settings().database_url_plain())
-    store.create_schema()
-    if args.keys_command == "create":
-        api_key, info = store.create(args.description, args.priority)
-        _print({**info.to_public(), "api_key": api_key})
-    elif args.keys_command == "list":
-        _print([k.to_public() for k in store.list()])
-    elif args.keys_command == "show":
-        _print(store.get(args.key_id).to_public())
-    elif args.keys_command == "revoke":
-        _print(store.revoke(args.key_id).to_public())
+    store.upgrade()  # a no-op (one read) when the schema is current
+    return store
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from serve_app.db import utcnow
+    from serve_app.errors import NotFound
+
+    store = _store()
+    try:
+        if args.keys_command == "create":
+            expires_at = utcnow() + timedelta(seconds=args.expires_in) if args.expires_in else None
+            api_key, info = store.create(args.description, args.priority, args.scopes, expires_at,
+                                         rate_limit_rpm=args.rpm, rate_limit_tpm=args.tpm)
+            _print({**info.to_public(), "api_key": api_key})
+        elif args.keys_command == "list":
+            _print([k.to_public() for k in store.list()])
+        elif args.keys_command == "show":
+            _print(store.get(args.key_id).to_public())
+        elif args.keys_command == "revoke":
+            _print(store.revoke(args.key_id).to_public())
+    except (ValueError, NotFound) as exc:
+        print(f"iir keys {args.keys_command}: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    from serve_app import migrate
+    from serve_app.keystore import KeyStore
+
+    store = KeyStore(Settings().database_url_plain())
+    try:
+        if args.db_command == "upgrade":
+            result = store.upgrade()
+            _print({"before": result.before, "after": result.after, "legacy": result.legacy,
+                    "changed": result.changed})
+        elif args.db_command == "current":
+            _print({"current": migrate.current_revision(store.engine), "head": migrate.head_revision()})
+    finally:
+        store.close()
     return 0
 
 
 def _print(payload: Any) -> None:
     print(json.dumps(payload, indent=2, default=str))  # noqa: T201
+
+
+def _scopes(value: str) -> list[str]:
+    scopes = [s.strip() for s in value.split(",") if s.strip()]
+    if not scopes:
+        raise argparse.ArgumentTypeError("give at least one scope")
+    return scopes
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return number
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,11 +139,22 @@ def _parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create")
     create.add_argument("--description", default="")
-    create.add_argument("--priority", type=int, default=0)
+    create.add_argument("--priority", type=int, default=DEFAULT_PRIORITY,
+                        help=f"{MIN_PRIORITY}-{MAX_PRIORITY}, higher first (default {DEFAULT_PRIORITY})")
+    create.add_argument("--scopes", type=_scopes, default=[SCOPE_INFERENCE],
+                        help="comma-separated: inference, admin (default inference)")
+    create.add_argument("--expires-in", type=_positive_int, default=None, metavar="SECONDS")
+    create.add_argument("--rpm", type=_positive_int, default=None, help="requests per minute (default: none)")
+    create.add_argument("--tpm", type=_positive_int, default=None, help="tokens per minute (default: none)")
     keys_sub.add_parser("list")
     for name in ("show", "revoke"):
         keys_sub.add_parser(name).add_argument("key_id")
     keys.set_defaults(func=_keys)
+    db = sub.add_parser("db", help="the database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="apply pending migrations (also done at start-up)")
+    db_sub.add_parser("current", help="the schema's revision and the newest this release knows")
+    db.set_defaults(func=_db)
     return parser
 
 

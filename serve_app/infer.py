@@ -1,7 +1,7 @@
 """The generic ``/infer`` endpoint: ``{"model", "input"}`` → ``{"output"}``, by the model's task.
 
-- chat:       ``prompt`` (str) or ``messages``, plus optional ``max_tokens``, ``temperature``, ``top_p``,
-              ``seed``, ``stop`` → ``{"text", "finish_reason"}``
+- chat:       ``prompt`` (str) or ``messages``, plus optional ``max_tokens`` (default 256),
+              ``temperature``, ``top_p``, ``seed``, ``stop`` → ``{"text", "finish_reason"}``
 - completion: ``prompt`` (str) and the same options → ``{"text", "finish_reason"}``
 - embedding:  ``text`` (str, or a list of str) → ``{"embedding"}`` (or ``{"embeddings"}`` for a list)
 - generic:    any JSON object, POSTed to the model's HTTP endpoint → that endpoint's JSON
@@ -19,6 +19,8 @@ from serve_app.router import Route
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+# /infer callers rarely think about length; without a cap a small model rambles to its context limit.
+DEFAULT_INFER_MAX_TOKENS = 256
 
 
 async def run_infer(route: Route, payload: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +48,7 @@ def _build(cls: type[Any], fields: dict[str, Any]) -> Any:
 
 
 def _sampling(payload: dict[str, Any]) -> dict[str, Any]:
-    return {k: payload[k] for k in _SAMPLING_KEYS if k in payload}
+    return {"max_tokens": DEFAULT_INFER_MAX_TOKENS, **{k: payload[k] for k in _SAMPLING_KEYS if k in payload}}
 
 
 async def _generate(route: Route, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
