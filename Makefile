@@ -17,8 +17,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PIP) install --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt examples/package-lock.json
 	$(PIP) install -r requirements-dev.txt
+	# The official openai JS SDK for the JavaScript examples the tests run.
+	cd examples && npm ci --no-audit --no-fund
 	touch $@
 
 install: $(VENV)/.installed

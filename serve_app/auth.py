@@ -1,9 +1,10 @@
 """The async face of the key store: what the Auth deployment wraps.
 
 Every database call runs in a worker thread under a deadline, and every database failure becomes
-``ServiceUnavailable`` (503): callers see a clear, prompt error, never a hang or a 500. Revocations are
-announced on Redis so that ingress caches drop the key at once; Redis is best-effort here, because the
-caches' TTL bounds how long a missed announcement matters.
+``ServiceUnavailable`` (503): callers see a clear, prompt error, never a hang or a 500. Revocations and
+updates are announced on Redis so that ingress caches drop the key at once (and re-verify it, picking up
+a new priority or limit); Redis is best-effort here, because the caches' TTL bounds how long a missed
+announcement matters.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -20,9 +23,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from serve_app.db import utcnow
 from serve_app.errors import InvalidRequest, ServiceUnavailable
-from serve_app.keystore import KeyInfo, KeyStore
-from serve_app.schemas import ApiKeyCreate
+from serve_app.keystore import UNSET, KeyInfo, KeyStore, Unset
+from serve_app.schemas import ApiKeyCreate, RateLimit
+from serve_app.usage_store import UsageDelta
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +63,18 @@ class AuthService:
             raise ServiceUnavailable("The API key store is unavailable; try again shortly.") from None
 
     async def create(self, request: ApiKeyCreate) -> dict[str, Any]:
-        # ApiKeyCreate gains scopes/expiry in a later issue; take them when present.
-        scopes = getattr(request, "scopes", None) or ("inference",)
-        expires_at = getattr(request, "expires_at", None)
+        # expires_in is relative, so only the server's clock decides when the key ends (no client skew).
+        expires_at = utcnow() + timedelta(seconds=request.expires_in) if request.expires_in else None
+        limits = request.rate_limit or RateLimit()
+        create = partial(self._store.create, request.description, request.priority, request.scopes,
+                         expires_at, rate_limit_rpm=limits.requests_per_minute,
+                         rate_limit_tpm=limits.tokens_per_minute)
         try:
-            api_key, info = await self._db(
-                self._store.create, request.description, request.priority, scopes, expires_at
-            )
-        except ValueError as exc:  # unknown scope, naive expiry: the caller's mistake, not ours
+            api_key, info = await self._db(create)
+        except ValueError as exc:  # unknown scope, out-of-range value: the caller's mistake, not ours
             raise InvalidRequest(str(exc)) from None
         logger.info("created API key id=%s prefix=%s", info.id, info.prefix)
-        return {**info.to_public(), "api_key": api_key, "priority": info.priority}
+        return {**info.to_public(), "api_key": api_key}
 
     async def verify(self, api_key: str) -> KeyInfo | None:
         return await self._db(self._store.verify, api_key)
@@ -79,11 +85,44 @@ class AuthService:
     async def list(self) -> builtins.list[KeyInfo]:
         return await self._db(self._store.list)
 
+    async def update(
+        self,
+        key_id: str,
+        *,
+        description: str | Unset = UNSET,
+        priority: int | Unset = UNSET,
+        rate_limit_rpm: int | None | Unset = UNSET,
+        rate_limit_tpm: int | None | Unset = UNSET,
+    ) -> KeyInfo:
+        """Change a key; every ingress drops its cached copy at once and re-verifies on the next use."""
+        change = partial(self._store.update, key_id, description=description, priority=priority,
+                         rate_limit_rpm=rate_limit_rpm, rate_limit_tpm=rate_limit_tpm)
+        try:
+            info = await self._db(change)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        logger.info("updated API key id=%s prefix=%s", info.id, info.prefix)
+        # The revocation channel means "drop this key from your cache", which is what a change needs too:
+        # the next request re-verifies and picks up the new priority and limits.
+        await self._announce(info, "update")
+        return info
+
     async def revoke(self, key_id: str) -> KeyInfo:
         info = await self._db(self._store.revoke, key_id)
         logger.info("revoked API key id=%s prefix=%s", info.id, info.prefix)
-        await self._announce_revoked(info)
+        await self._announce(info, "revocation")
         return info
+
+    async def usage(self, key_id: str) -> dict[str, Any]:
+        return await self._db(self._store.usage, key_id)
+
+    async def record_usage(self, batch: Sequence[UsageDelta | tuple[Any, ...]]) -> int:
+        """Add a batch of per-key counts. A ServiceUnavailable means the batch may or may not have been
+        applied (a timeout leaves the worker thread running); the caller decides whether to retry."""
+        try:
+            return await self._db(self._store.record_usage, batch)
+        except (ValueError, TypeError) as exc:  # a malformed entry: a bug in the caller, not an outage
+            raise InvalidRequest(f"bad usage batch: {exc}") from None
 
     async def ping(self) -> None:
         """For the deployment's health check: raises ServiceUnavailable when the database is away."""
@@ -94,8 +133,8 @@ class AuthService:
             await self._redis.aclose()
             self._redis = None
 
-    async def _announce_revoked(self, info: KeyInfo) -> bool:
-        """Best effort: True if Redis took the message. The DB row is already revoked either way."""
+    async def _announce(self, info: KeyInfo, change: str) -> bool:
+        """Best effort: True if Redis took the message. The DB row is already changed either way."""
         if self._redis_url is None:
             return False
         try:
@@ -104,8 +143,9 @@ class AuthService:
             return True
         except (RedisError, TimeoutError, OSError) as exc:
             logger.warning(
-                "could not announce revocation of key id=%s on Redis (%s); ingress caches will drop it "
+                "could not announce %s of key id=%s on Redis (%s); ingress caches will drop it "
                 "when their TTL expires",
+                change,
                 info.id,
                 type(exc).__name__,
             )

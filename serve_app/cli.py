@@ -63,7 +63,7 @@ def _store() -> KeyStore:
     from serve_app.keystore import KeyStore
 
     store = KeyStore(Settings().database_url_plain())
-    store.upgrade()  # a no-op (one read) when the schema is current
+    store.upgrade()  # a couple of reads when the schema is current
     return store
 
 
@@ -160,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=Settings().log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Alembic lists its autogenerate plugins at INFO whenever it is imported: noise on every `iir keys`.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     return int(args.func(args))
 

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from serve_app.catalog import Catalog
 from serve_app.classifier import RoutingPolicy
 from serve_app.engines.base import InferenceEngine
 from serve_app.engines.factory import RemoteEngines
 from serve_app.key_cache import KeyVerifier, RevocationListener, VerifiedKeyCache
-from serve_app.keystore import KeyInfo
+from serve_app.keystore import UNSET, KeyInfo, Unset
+from serve_app.rate_limit import RateLimiter, make_redis
 from serve_app.registry import ConfigRegistry
 from serve_app.router import ModelRouter, PromptClassifier
 from serve_app.schemas import ApiKeyCreate
 from serve_app.settings import Settings
+from serve_app.usage import UsageRecorder, UsageSink
 
 
 class KeyAdmin(Protocol):
@@ -29,6 +31,10 @@ class KeyAdmin(Protocol):
     async def list(self) -> list[KeyInfo]: ...
     async def get(self, key_id: str) -> KeyInfo: ...
     async def revoke(self, key_id: str) -> KeyInfo: ...
+    async def update(self, key_id: str, *, description: str | Unset = UNSET, priority: int | Unset = UNSET,
+                     rate_limit_rpm: int | None | Unset = UNSET,
+                     rate_limit_tpm: int | None | Unset = UNSET) -> KeyInfo: ...
+    async def usage(self, key_id: str) -> dict[str, Any]: ...
     async def ping(self) -> None: ...
 
 
@@ -41,7 +47,10 @@ class Gateway:
     # Re-reads configs/ and swaps the router's catalog; returns the diff it applied.
     refresh_registry: Callable[[], Awaitable[dict[str, Any]]]
     revocations: RevocationListener
-    # Started with the app (revocation listener), stopped at shutdown (pooled HTTP clients).
+    limiter: RateLimiter
+    usage: UsageRecorder
+    # Started with the app (revocation listener, usage flusher), stopped at shutdown (pooled HTTP
+    # clients; the last usage batch is sent before the limiter's Redis pool closes).
     on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -55,11 +64,25 @@ def build_gateway(settings: Settings, catalog: Catalog, *, verifier: KeyVerifier
     registry = ConfigRegistry(settings, router, local_engines, remote)
     keys = VerifiedKeyCache(verifier, ttl_s=settings.key_cache_ttl_s, max_size=settings.key_cache_size,
                             negative_ttl_s=settings.negative_key_cache_ttl_s,
-                            negative_max_size=settings.negative_key_cache_size)
+                            negative_max_size=settings.negative_key_cache_size,
+                            stale_if_error_s=settings.key_stale_if_error_s)
     revocations = RevocationListener(keys, settings.redis_url)
+    limiter, usage = _metering(settings, cast(UsageSink, key_admin))
     return Gateway(settings=settings, keys=keys, key_admin=key_admin, router=router,
                    refresh_registry=registry.refresh, revocations=revocations,
-                   on_startup=[_started(revocations)], on_shutdown=[revocations.stop, registry.aclose])
+                   limiter=limiter, usage=usage,
+                   on_startup=[_started(revocations), usage.start],
+                   on_shutdown=[revocations.stop, registry.aclose, usage.stop, limiter.aclose])
+
+
+def _metering(settings: Settings, usage_sink: UsageSink) -> tuple[RateLimiter, UsageRecorder]:
+    # The key admin (the Auth deployment's handle on Ray) also takes the usage batches, typed by
+    # usage.UsageSink so the admin protocol does not grow for the ingress's sake.
+    limiter = RateLimiter(make_redis(settings.redis_url, timeout_s=settings.redis_timeout_s),
+                          timeout_s=settings.redis_timeout_s, key_prefix=settings.rate_limit_key_prefix)
+    usage = UsageRecorder(usage_sink, interval_s=settings.usage_flush_interval_s,
+                          flush_at_keys=settings.usage_flush_keys, max_keys=settings.usage_max_keys)
+    return limiter, usage
 
 
 def _started(listener: RevocationListener) -> Callable[[], Awaitable[None]]:

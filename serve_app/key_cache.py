@@ -231,10 +231,16 @@ class RevocationListener:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        # Cancel until it ends: redis-py 8 swallows a cancellation that lands in its connect handshake
+        # (the maintenance-notifications probe), and a single cancel() then left the task subscribed
+        # forever, hanging the app's shutdown.
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=0.05)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def wait_subscribed(self, timeout_s: float) -> bool:
         try:

@@ -10,6 +10,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve_app.models import (
+    DEFAULT_PRIORITY,
+    MAX_DESCRIPTION_CHARS,
+    MAX_PRIORITY,
+    MAX_RATE_LIMIT,
+    MIN_PRIORITY,
+)
+
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -107,10 +115,61 @@ class InferRequest(BaseModel):
     input: dict[str, Any]
 
 
+# --- API keys -------------------------------------------------------------------------------------
+
+Scope = Literal["inference", "admin"]
+MAX_EXPIRES_IN_S = 10 * 365 * 86_400  # ten years; beyond that, leave expires_in out (no expiry)
+
+
+def _default_scopes() -> list[Scope]:
+    return ["inference"]
+
+
+class RateLimit(BaseModel):
+    """A key's limits; null (or absent at creation) means no limit of that kind."""
+
+    model_config = ConfigDict(extra="forbid")
+    requests_per_minute: int | None = Field(None, ge=1, le=MAX_RATE_LIMIT)
+    tokens_per_minute: int | None = Field(None, ge=1, le=MAX_RATE_LIMIT)
+
+
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    description: str = Field("", max_length=512)
-    priority: int = Field(0, ge=0, le=100, description="higher is served first under contention")
+    description: str = Field("", max_length=MAX_DESCRIPTION_CHARS)
+    priority: int = Field(DEFAULT_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+                          description="higher is served first under contention")
+    expires_in: int | None = Field(None, gt=0, le=MAX_EXPIRES_IN_S, description="seconds from now")
+    scopes: list[Scope] = Field(default_factory=_default_scopes, min_length=1)
+    rate_limit: RateLimit | None = None
+
+
+class ApiKeyUpdate(BaseModel):
+    """PATCH: fields left out stay as they are. In ``rate_limit``, null removes a limit, and each limit
+    left out of it stays; ``"rate_limit": null`` removes both."""
+
+    model_config = ConfigDict(extra="forbid")
+    description: str | None = Field(None, max_length=MAX_DESCRIPTION_CHARS)
+    priority: int | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY)
+    rate_limit: RateLimit | None = None
+
+    @field_validator("description", "priority")
+    @classmethod
+    def _not_null(cls, v: object) -> object:
+        # Runs only for values actually sent (defaults aren't validated): null is meaningless here.
+        if v is None:
+            raise ValueError("may be left out, but not null")
+        return v
+
+    def changes(self) -> dict[str, Any]:
+        """Keyword arguments for ``KeyStore.update``: only what the caller sent."""
+        sent = self.model_fields_set
+        out: dict[str, Any] = {n: getattr(self, n) for n in ("description", "priority") if n in sent}
+        if "rate_limit" in sent:
+            limits = self.rate_limit or RateLimit(requests_per_minute=None, tokens_per_minute=None)
+            fields = {"requests_per_minute": "rate_limit_rpm", "tokens_per_minute": "rate_limit_tpm"}
+            out |= {ours: getattr(limits, theirs) for theirs, ours in fields.items()
+                    if theirs in limits.model_fields_set}
+        return out
 
 
 GenerateRequest = ChatCompletionRequest | CompletionRequest

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     database_url: SecretStr = SecretStr(f"sqlite:///{Path.home() / '.iir' / 'iir.db'}")
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_s: float = Field(0.25, gt=0)
+    rate_limit_key_prefix: str = "iir:rl:"  # per-key rate-limit counters in Redis live under this
 
     models_config: Path = REPO_CONFIGS / "models.yaml"
     providers_config: Path = REPO_CONFIGS / "providers.yaml"
@@ -44,8 +45,14 @@ class Settings(BaseSettings):
 
     key_cache_ttl_s: float = Field(30.0, gt=0, description="backstop when a revocation push is missed")
     key_cache_size: int = Field(100_000, gt=0)
+    # Database down: keys verified before the outage keep working this long past their TTL.
+    key_stale_if_error_s: float = Field(300.0, ge=0)
     negative_key_cache_ttl_s: float = Field(5.0, ge=0)
     negative_key_cache_size: int = Field(10_000, gt=0)
+
+    usage_flush_interval_s: float = Field(2.0, gt=0, description="how often usage is batched to the DB")
+    usage_flush_keys: int = Field(1000, gt=0, description="flush early, and per batch, at this many keys")
+    usage_max_keys: int = Field(100_000, gt=0, description="keys held while the DB is down; more are dropped")
 
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
     upstream_timeout_s: float = Field(120.0, gt=0)

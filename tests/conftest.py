@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+# database_url (SQLite and PostgreSQL), store: for the key-store tests
+from tests.db_fixtures import database_url, pg_database_url, store  # noqa: F401
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.llama_server import llama_server  # noqa: F401 - session fixture for every test
 

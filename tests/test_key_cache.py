@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from sqlalchemy import event
 
 from serve_app.auth import AuthService
-from serve_app.errors import AuthenticationFailed, NotFound, ServiceUnavailable
+from serve_app.errors import AuthenticationFailed, InvalidRequest, NotFound, ServiceUnavailable
 from serve_app.key_cache import (
     INVALID_KEY,
     MALFORMED_HEADER,
@@ -408,3 +408,66 @@ async def test_auth_service_create_get_list_revoke(service: AuthService) -> None
     with pytest.raises(NotFound):
         await service.revoke("missing")
     await service.ping()
+
+
+async def test_auth_service_create_takes_scopes_expiry_and_limits(service: AuthService) -> None:
+    from datetime import UTC, datetime
+
+    request = ApiKeyCreate.model_validate({"description": "full", "scopes": ["admin"], "expires_in": 3600,
+                                           "rate_limit": {"requests_per_minute": 30}})
+    before = datetime.now(UTC)
+    created = await service.create(request)
+    expires_at = datetime.fromisoformat(created["expires_at"])
+    assert 3599 <= (expires_at - before).total_seconds() <= 3601
+    assert created["scopes"] == ["admin"] and created["priority"] == 0
+    assert created["rate_limit"] == {"requests_per_minute": 30, "tokens_per_minute": None}
+
+
+async def test_update_reaches_two_caches_within_a_second(
+    service: AuthService, redis_url: str, channel: str
+) -> None:
+    """A new priority (or limit) is announced like a revocation, and every cache re-verifies."""
+    api_key, key_id = await new_key(service, priority=1)
+    caches = [make_cache(service, ttl_s=300) for _ in range(2)]
+    listeners = [RevocationListener(c, redis_url, channel=channel) for c in caches]
+    for listener in listeners:
+        listener.start()
+    try:
+        assert all([await lst.wait_subscribed(5) for lst in listeners])
+        for cache in caches:
+            assert (await cache.authenticate(bearer(api_key))).priority == 1
+        started = time.monotonic()
+        updated = await service.update(key_id, priority=90, rate_limit_tpm=5000)
+        assert (updated.priority, updated.rate_limit_tpm) == (90, 5000)
+        pending = set(range(len(caches)))
+        while pending and time.monotonic() - started < 1.0:
+            pending = {i for i in pending if caches[i].stats()["entries"]}
+            await asyncio.sleep(0.005)
+        assert not pending, "the update did not reach every cache within 1 s"
+        for cache in caches:
+            info = await cache.authenticate(bearer(api_key))
+            assert (info.priority, info.rate_limit_tpm) == (90, 5000)
+    finally:
+        for listener in listeners:
+            await listener.stop()
+
+
+async def test_auth_service_update_errors(service: AuthService) -> None:
+    _, key_id = await new_key(service)
+    with pytest.raises(NotFound):
+        await service.update("missing", priority=1)
+    with pytest.raises(InvalidRequest, match="priority"):
+        await service.update(key_id, priority=1000)
+
+
+async def test_auth_service_usage_round_trip(service: AuthService) -> None:
+    from datetime import UTC, datetime
+
+    _, key_id = await new_key(service)
+    assert await service.record_usage([(key_id, 2, 7, 3, datetime.now(UTC))]) == 1
+    usage = await service.usage(key_id)
+    assert (usage["requests"], usage["total_tokens"]) == (2, 10)
+    with pytest.raises(InvalidRequest):
+        await service.record_usage([(key_id, -1, 0, 0, datetime.now(UTC))])
+    with pytest.raises(NotFound):
+        await service.usage("missing")

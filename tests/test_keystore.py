@@ -1,59 +1,24 @@
-"""KeyStore against both real backends: SQLite (a temp file) and PostgreSQL (a fresh database)."""
+"""KeyStore against both real backends: SQLite (a temp file) and PostgreSQL (a fresh database).
+
+The database fixtures (``database_url``, ``store``) live in ``tests/db_fixtures.py``.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import text
 
 from serve_app.errors import NotFound
-from serve_app.keystore import Base, KeyInfo, KeyStore, hash_key
+from serve_app.keystore import MAX_RATE_LIMIT, UNSET, KeyInfo, KeyStore, hash_key
 
-PG_ADMIN_URL = os.environ.get("IIR_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 KEY_SHAPE = re.compile(r"^iir-[A-Za-z0-9_-]{43}$")
-
-
-@pytest.fixture(scope="session")
-def pg_database_url() -> Iterator[str]:
-    """A throwaway database for this session, dropped afterwards."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 2})
-    name = f"iir_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable at {make_url(PG_ADMIN_URL).host}: {exc.orig}")
-    yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@pytest.fixture(params=[pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres")])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'keys.db'}"
-    return request.getfixturevalue("pg_database_url")
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[KeyStore]:
-    ks = KeyStore(database_url)
-    Base.metadata.drop_all(ks.engine)  # the PostgreSQL database is shared by the session's tests
-    ks.create_schema()
-    yield ks
-    ks.close()
 
 
 def test_create_returns_a_well_formed_key(store: KeyStore) -> None:
@@ -131,7 +96,8 @@ def test_expired_key_does_not_verify(store: KeyStore) -> None:
     assert abs((found.expires_at - live.expires_at).total_seconds()) < 1e-3  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("action", [pytest.param("get", id="get"), pytest.param("revoke", id="revoke")])
+@pytest.mark.parametrize("action", [pytest.param("get", id="get"), pytest.param("revoke", id="revoke"),
+                                    pytest.param("update", id="update"), pytest.param("usage", id="usage")])
 def test_unknown_id_raises_not_found(store: KeyStore, action: str) -> None:
     with pytest.raises(NotFound) as err:
         getattr(store, action)("no-such-id")
@@ -144,11 +110,18 @@ def test_unknown_id_raises_not_found(store: KeyStore, action: str) -> None:
         pytest.param({"scopes": ("inference", "root")}, "unknown scopes", id="unknown-scope"),
         pytest.param({"scopes": ()}, "at least one scope", id="no-scope"),
         pytest.param({"expires_at": datetime(2030, 1, 1)}, "timezone-aware", id="naive-expiry"),
+        pytest.param({"priority": 101}, "priority", id="priority-too-high"),
+        pytest.param({"priority": -1}, "priority", id="priority-negative"),
+        pytest.param({"rate_limit_rpm": 0}, "rate_limit_rpm", id="rpm-zero"),
+        pytest.param({"rate_limit_tpm": MAX_RATE_LIMIT + 1}, "rate_limit_tpm", id="tpm-overflows-int32"),
+        pytest.param({"description": "x" * 513}, "description", id="description-too-long"),
     ],
 )
 def test_create_rejects_bad_input(store: KeyStore, kwargs: dict, message: str) -> None:
+    fields: dict[str, Any] = {"description": "bad", "priority": 0} | kwargs
     with pytest.raises(ValueError, match=message):
-        store.create("bad", 0, **kwargs)
+        store.create(**fields)
+    assert store.list() == []
 
 
 def test_list_never_contains_secrets(store: KeyStore) -> None:
@@ -160,9 +133,67 @@ def test_list_never_contains_secrets(store: KeyStore) -> None:
         assert api_key not in public and api_key[12:] not in public
         assert info.key_hash not in public and info.key_hash not in repr(info)
     assert set(listed[0].to_public()) == {
-        "id", "object", "prefix", "description", "priority", "scopes",
-        "created_at", "expires_at", "revoked_at", "active",
+        "id", "object", "prefix", "description", "priority", "scopes", "rate_limit",
+        "created_at", "expires_at", "revoked_at", "last_used_at", "active",
     }  # fmt: skip
+
+
+def test_create_with_limits_scopes_and_expiry(store: KeyStore) -> None:
+    expires = datetime.now(UTC) + timedelta(days=1)
+    api_key, info = store.create("limited", 42, ("admin",), expires, rate_limit_rpm=60, rate_limit_tpm=10_000)
+    assert (info.rate_limit_rpm, info.rate_limit_tpm, info.scopes) == (60, 10_000, ("admin",))
+    assert store.verify(api_key) == info == store.get(info.id)
+    assert info.to_public()["rate_limit"] == {"requests_per_minute": 60, "tokens_per_minute": 10_000}
+
+
+# --- update ---------------------------------------------------------------------------------------------
+
+
+def test_update_changes_only_what_is_given(store: KeyStore) -> None:
+    api_key, info = store.create("before", 1, rate_limit_rpm=10, rate_limit_tpm=1000)
+    updated = store.update(info.id, priority=50, rate_limit_rpm=20)
+    assert (updated.priority, updated.rate_limit_rpm) == (50, 20)
+    assert (updated.description, updated.rate_limit_tpm) == ("before", 1000), "untouched fields kept"
+    assert store.verify(api_key) == updated == store.get(info.id)
+    assert (updated.id, updated.key_hash, updated.created_at) == (info.id, info.key_hash, info.created_at)
+
+
+def test_update_none_removes_a_limit_and_unset_keeps_it(store: KeyStore) -> None:
+    _, info = store.create("limits", 0, rate_limit_rpm=10, rate_limit_tpm=1000)
+    cleared = store.update(info.id, rate_limit_rpm=None, rate_limit_tpm=UNSET)
+    assert (cleared.rate_limit_rpm, cleared.rate_limit_tpm) == (None, 1000)
+    assert store.update(info.id) == cleared, "an empty update is a no-op"
+
+
+def test_update_description(store: KeyStore) -> None:
+    _, info = store.create("old name", 0)
+    assert store.update(info.id, description="new name").description == "new name"
+    assert store.get(info.id).description == "new name"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param({"priority": 101}, "priority", id="priority-too-high"),
+        pytest.param({"priority": True}, "priority", id="priority-bool"),
+        pytest.param({"rate_limit_rpm": 0}, "rate_limit_rpm", id="rpm-zero"),
+        pytest.param({"rate_limit_tpm": -5}, "rate_limit_tpm", id="tpm-negative"),
+        pytest.param({"description": None}, "description", id="description-null"),
+    ],
+)
+def test_update_rejects_bad_values_and_changes_nothing(store: KeyStore, kwargs: dict, message: str) -> None:
+    _, info = store.create("keep me", 3, rate_limit_rpm=7)
+    with pytest.raises(ValueError, match=message):
+        store.update(info.id, **kwargs)
+    assert store.get(info.id) == info
+
+
+def test_update_of_a_revoked_key_keeps_it_revoked(store: KeyStore) -> None:
+    api_key, info = store.create("gone", 0)
+    store.revoke(info.id)
+    updated = store.update(info.id, priority=9)
+    assert updated.revoked_at is not None and not updated.active
+    assert store.verify(api_key) is None
 
 
 def test_key_info_is_frozen(store: KeyStore) -> None:

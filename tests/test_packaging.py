@@ -200,3 +200,27 @@ def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
         assert (ROOT / source).exists(), source
         excluded = [p for p in patterns if fnmatch(source, p) or fnmatch(source.split("/")[0], p)]
         assert not excluded, f"{source} is copied by the Dockerfile but excluded by .dockerignore {excluded}"
+
+
+# ------------------------------------------------------------------------------------------------- Wheel
+
+
+def test_wheel_carries_the_migrations(tmp_path: Path) -> None:
+    # The Dockerfile installs non-editable (`pip install .`): Auth runs the migrations from the installed
+    # package, so they must be in the wheel. Built from a copy so no build/ lands in the checkout.
+    import zipfile
+
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for package in ("serve_app", "deployments"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(tmp_path / "dist"), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    wheel = next((tmp_path / "dist").glob("iir-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    migrations = {p.relative_to(ROOT).as_posix() for p in (ROOT / "serve_app" / "migrations").rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts}
+    assert {"serve_app/migrations/env.py", "serve_app/migrations/script.py.mako"} <= migrations
+    assert migrations <= names, f"missing from the wheel: {sorted(migrations - names)}"

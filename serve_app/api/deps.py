@@ -27,6 +27,16 @@ async def current_key(request: Request, gateway: GatewayDep) -> KeyInfo:
 CurrentKey = Annotated[KeyInfo, Depends(current_key)]
 
 
+async def inference_key(key: CurrentKey) -> KeyInfo:
+    """Model routes: the key must carry the ``inference`` scope (an admin-only key manages, never spends)."""
+    if "inference" not in key.scopes:
+        raise PermissionDenied("this key lacks the 'inference' scope needed to call models")
+    return key
+
+
+InferenceKey = Annotated[KeyInfo, Depends(inference_key)]
+
+
 def from_trusted_ip(request: Request, gateway: Gateway) -> bool:
     peer = request.client.host if request.client else None
     settings = gateway.settings

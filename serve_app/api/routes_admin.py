@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from serve_app.api.deps import AdminKey, GatewayDep, TrustedIp
-from serve_app.schemas import ApiKeyCreate
+from serve_app.schemas import ApiKeyCreate, ApiKeyUpdate
 
 router = APIRouter()
 
@@ -26,6 +26,20 @@ async def list_keys(gateway: GatewayDep, _: AdminKey) -> dict[str, Any]:
 @router.get("/api/v1/apikeys/{key_id}")
 async def get_key(key_id: str, gateway: GatewayDep, _: AdminKey) -> dict[str, Any]:
     return (await gateway.key_admin.get(key_id)).to_public()
+
+
+@router.patch("/api/v1/apikeys/{key_id}")
+async def update_key(key_id: str, body: ApiKeyUpdate, gateway: GatewayDep, _: AdminKey) -> dict[str, Any]:
+    info = await gateway.key_admin.update(key_id, **body.changes())
+    # As for a revocation: this replica drops its cached copy now, the others hear it on the channel, and
+    # the next request re-verifies, so a new priority or limit applies at once.
+    gateway.keys.invalidate(info.key_hash)
+    return info.to_public()
+
+
+@router.get("/api/v1/apikeys/{key_id}/usage")
+async def key_usage(key_id: str, gateway: GatewayDep, _: AdminKey) -> dict[str, Any]:
+    return await gateway.key_admin.usage(key_id)
 
 
 @router.delete("/api/v1/apikeys/{key_id}")

@@ -1,4 +1,8 @@
-"""OpenAI-compatible routes and the generic ``/infer``."""
+"""OpenAI-compatible routes and the generic ``/infer``.
+
+Every model route checks the caller's rate limit after auth and body validation and before anything
+costly (classifier, model), and records usage after the model answered (``api/metering.py``).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve_app.api import sse
-from serve_app.api.deps import CurrentKey, GatewayDep
+from serve_app.api.deps import GatewayDep, InferenceKey
+from serve_app.api.metering import Meter, with_stream_usage
 from serve_app.infer import run_infer
+from serve_app.keystore import KeyInfo
 from serve_app.router import AUTO_MODELS, Route
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, InferRequest
 
@@ -30,17 +36,21 @@ def _prompt_text(body: ChatCompletionRequest | CompletionRequest) -> str:
     return users[-1] if users else body.messages[-1].text()
 
 
-async def _generate(request: Request, gateway: GatewayDep,
+async def _generate(request: Request, gateway: GatewayDep, key: KeyInfo,
                     body: ChatCompletionRequest | CompletionRequest) -> Any:
+    limit_headers = await gateway.limiter.check(key)
     prompt = _prompt_text(body) if body.model in AUTO_MODELS else ""
     route = await gateway.router.resolve(body.model, prompt)
     body = body.model_copy(update={"model": route.spec.id})
-    headers = _route_headers(route)
+    headers = {**_route_headers(route), **limit_headers}
+    meter = Meter(gateway, key)
     if not body.stream:
         result = await route.engine.generate(body)
+        meter.record(result.get("usage"))
         result["model"] = route.spec.id
         return _json(result, headers)
-    first, rest = await sse.first_and_rest(aiter(route.engine.stream(body)))
+    chunks = meter.stream(route.engine.stream(with_stream_usage(body)), strip_usage=not body.include_usage)
+    first, rest = await sse.first_and_rest(chunks)
     request_id = request.scope.get("state", {}).get("request_id", "-")
     events = sse.event_stream(first, rest, model_id=route.spec.id, request_id=request_id)
     headers["cache-control"] = "no-cache"
@@ -53,30 +63,33 @@ def _json(payload: dict[str, Any], headers: dict[str, str]) -> Response:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, gateway: GatewayDep,
-                           _: CurrentKey) -> Any:
-    return await _generate(request, gateway, body)
+                           key: InferenceKey) -> Any:
+    return await _generate(request, gateway, key, body)
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, gateway: GatewayDep, _: CurrentKey) -> Any:
-    return await _generate(request, gateway, body)
+async def completions(body: CompletionRequest, request: Request, gateway: GatewayDep,
+                      key: InferenceKey) -> Any:
+    return await _generate(request, gateway, key, body)
 
 
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, gateway: GatewayDep, _: CurrentKey) -> Response:
+async def embeddings(body: EmbeddingRequest, gateway: GatewayDep, key: InferenceKey) -> Response:
+    limit_headers = await gateway.limiter.check(key)
     route = await gateway.router.resolve(body.model, "")
     result = await route.engine.embed(body.model_copy(update={"model": route.spec.id}))
+    Meter(gateway, key).record(result.get("usage"))
     result["model"] = route.spec.id
-    return _json(result, _route_headers(route))
+    return _json(result, {**_route_headers(route), **limit_headers})
 
 
 @router.get("/v1/models")
-async def list_models(gateway: GatewayDep, _: CurrentKey) -> dict[str, Any]:
+async def list_models(gateway: GatewayDep, _: InferenceKey) -> dict[str, Any]:
     return {"object": "list", "data": [_model_card(m.id, m.owner, m.task) for m in gateway.router.models()]}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, gateway: GatewayDep, _: CurrentKey) -> dict[str, Any]:
+async def get_model(model_id: str, gateway: GatewayDep, _: InferenceKey) -> dict[str, Any]:
     route = await gateway.router.resolve(model_id, "")
     return _model_card(route.spec.id, route.spec.owner, route.spec.task)
 
@@ -86,7 +99,10 @@ def _model_card(model_id: str, owner: str, task: str) -> dict[str, Any]:
 
 
 @router.post("/infer")
-async def infer(body: InferRequest, gateway: GatewayDep, _: CurrentKey) -> Response:
+async def infer(body: InferRequest, gateway: GatewayDep, key: InferenceKey) -> Response:
+    limit_headers = await gateway.limiter.check(key)
     prompt = body.input.get("prompt") or body.input.get("text") or ""
     route = await gateway.router.resolve(body.model, str(prompt))
-    return _json(await run_infer(route, body.input), _route_headers(route))
+    result = await run_infer(route, body.input)
+    Meter(gateway, key).record(result.get("usage"))  # generic tasks report none: a request, no tokens
+    return _json(result, {**_route_headers(route), **limit_headers})

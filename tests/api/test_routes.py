@@ -134,3 +134,11 @@ async def test_unknown_route_and_method(client: httpx.AsyncClient, auth_headers:
 async def test_request_id_is_echoed(client: httpx.AsyncClient) -> None:
     r = await client.get("/health", headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
+
+
+async def test_admin_only_key_cannot_call_models(client: httpx.AsyncClient) -> None:
+    created = (await client.post("/api/v1/apikeys", json={"description": "ops", "scopes": ["admin"]})).json()
+    headers = {"Authorization": f"Bearer {created['api_key']}"}
+    assert (await client.get("/api/v1/apikeys", headers=headers)).status_code == 200
+    r = await client.post("/v1/chat/completions", headers=headers, json=CHAT)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"

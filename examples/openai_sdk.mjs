@@ -1,0 +1,41 @@
+// The official openai JS/TS SDK, unmodified, against IIR:
+//   cd examples && npm ci && IIR_BASE_URL=http://localhost:8000 IIR_API_KEY=iir-... node openai_sdk.mjs
+import OpenAI from "openai";
+
+const base = process.env.IIR_BASE_URL ?? "http://localhost:8000";
+const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: process.env.IIR_API_KEY, maxRetries: 0 });
+const model = process.env.IIR_MODEL ?? "local/smollm2-135m";
+const ask = [{ role: "user", content: "What is the capital of France?" }];
+
+const models = [];
+for await (const m of client.models.list()) models.push(m.id);
+
+const chat = await client.chat.completions.create({ model, messages: ask, max_tokens: 12, temperature: 0 });
+
+let streamed = "";
+let usage = null;
+const stream = await client.chat.completions.create({
+  model, messages: ask, max_tokens: 12, temperature: 0, stream: true, stream_options: { include_usage: true },
+});
+for await (const chunk of stream) {
+  streamed += chunk.choices[0]?.delta?.content ?? "";
+  if (chunk.usage) usage = chunk.usage;
+}
+
+const emb = await client.embeddings.create({ model: "local/minilm-l6-v2", input: ["hello", "world"] });
+
+let notFound = null;
+try {
+  await client.chat.completions.create({ model: "nobody/none", messages: ask });
+} catch (err) {
+  notFound = { status: err.status, code: err.code };
+}
+
+console.log(JSON.stringify({
+  models,
+  chat: chat.choices[0].message.content,
+  streamed,
+  usage,
+  embeddings: emb.data.map((d) => d.embedding.length),
+  notFound,
+}));
