@@ -68,8 +68,9 @@ import psycopg2  # noqa: E402
 import yaml  # noqa: E402
 from sqlalchemy import event, text  # noqa: E402
 
-from bench.gateway_bench import _free_port, _interrupt, _wait_ready  # noqa: E402
+from bench.gateway_bench import _interrupt, _wait_ready  # noqa: E402
 from bench.loadgen import CpuMeter, percentile  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 RAY_ENV = {
@@ -296,7 +297,7 @@ def redis_server() -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server not on PATH")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -527,7 +528,7 @@ def graph_phase(args: argparse.Namespace, database_url: str, keys: list[BenchKey
     quiet = keys[1 + args.control_keys:1 + args.control_keys + args.quiet_deletes]
     revoke = keys[1 + args.control_keys + args.quiet_deletes:]
     counter = PgTransactions(args.database)
-    http_port = _free_port()
+    http_port = free_port()
     proxy_url = f"http://127.0.0.1:{http_port}"
     with (tempfile.TemporaryDirectory(prefix="iir-auth-bench-") as tmp, redis_server() as redis_url,
           local_ray(http_port)):

@@ -29,7 +29,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ import httpx  # noqa: E402
 from bench import local_model  # noqa: E402
 from bench.loadgen import CpuMeter, StepResult, Target, metered_step, run_step  # noqa: E402
 from bench.report import render  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 UPSTREAM_KEY = "sk-upstream-bench"
 CHAT_BODY = {"messages": [{"role": "user", "content": "hello from the gateway benchmark please echo this"}],
@@ -95,10 +95,6 @@ class Graph:
     startup_s: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(base_url: str, timeout_s: float) -> None:
@@ -131,7 +127,7 @@ def iir_graph(configs: dict[str, Path], database_url: str, *, throughput_optimiz
 
     from serve_app.builder import build_app
 
-    port = _free_port()
+    port = free_port()
     start = time.perf_counter()
     # address="local": a new cluster of our own, never one some `ray start` left on this machine.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)

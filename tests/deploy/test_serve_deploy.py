@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,12 @@ import pytest
 import requests
 import yaml
 
+from tests.support.net import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(url: str, timeout_s: float) -> requests.Response:
@@ -44,13 +41,13 @@ def _wait(url: str, timeout_s: float) -> requests.Response:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     folder = tmp_path_factory.mktemp("cluster")
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "HF_HUB_OFFLINE": "1",
            "IIR_DATABASE_URL": f"sqlite:///{folder / 'iir.db'}", "PATH": f"{BIN}:{os.environ['PATH']}"}
     # --block keeps Ray's daemons under this process group, so teardown stops this cluster only
     # (`ray stop` would stop every Ray on the machine).
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=4",
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
          "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -67,7 +64,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 
 def test_serve_deploy_of_the_repo_config(ray_head: dict[str, str], tmp_path: Path) -> None:
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     # Only the port changes: the suite must not depend on 8000 being free.
     config["http_options"].update(host="127.0.0.1", port=port)
     path = tmp_path / "serve_config.yaml"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import requests
 
 from tests.conftest import write_configs
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.net import free_port
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,6 @@ class Graph:
     database_url: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(base_url: str, timeout_s: float) -> None:
@@ -51,7 +47,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
     folder = tmp_path_factory.mktemp("graph")
     configs = write_configs(folder, fake_upstream.base_url)
     database_url = f"sqlite:///{folder / 'iir.db'}"
-    port = _free_port()
+    port = free_port()
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "HF_HUB_OFFLINE": "1",
            "IIR_TEST_UPSTREAM_KEY": fake_upstream.api_key, "IIR_DATABASE_URL": database_url,
            **{f"IIR_{k.upper()}": str(v) for k, v in configs.items()}}

