@@ -1,5 +1,5 @@
 """The ``iir`` command: ``iir serve`` runs the graph on a local Ray; ``iir keys ...`` manages keys;
-``iir db upgrade`` applies schema migrations."""
+``iir db upgrade`` applies schema migrations; ``iir config render`` writes a ``serve_config.yaml``."""
 
 from __future__ import annotations
 
@@ -109,6 +109,31 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from serve_app.catalog import CatalogError
+    from serve_app.render import render_from_files
+
+    settings = Settings()
+    # Files named here are pinned in the app's args, so the deployed graph reads what was rendered.
+    pinned = {name: str(Path(value).resolve()) for name in ("models_config", "providers_config")
+              if (value := getattr(args, name))}
+    models = Path(pinned.get("models_config", settings.models_config))
+    providers = Path(pinned.get("providers_config", settings.providers_config))
+    try:
+        text = render_from_files(models, providers, pinned)
+    except CatalogError as exc:
+        print(f"iir config render: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}", file=sys.stderr)  # noqa: T201
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _print(payload: Any) -> None:
     print(json.dumps(payload, indent=2, default=str))  # noqa: T201
 
@@ -155,6 +180,14 @@ def _parser() -> argparse.ArgumentParser:
     db_sub.add_parser("upgrade", help="apply pending migrations (also done at start-up)")
     db_sub.add_parser("current", help="the schema's revision and the newest this release knows")
     db.set_defaults(func=_db)
+    config = sub.add_parser("config", help="Serve config files")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    render = config_sub.add_parser("render", help="write serve_config.yaml from configs/ (for serve deploy)")
+    render.add_argument("--out", default=None, metavar="PATH", help="file to write (default: stdout)")
+    render.add_argument("--models-config", default=None, metavar="PATH",
+                        help="models.yaml to render (default: IIR_MODELS_CONFIG or configs/models.yaml)")
+    render.add_argument("--providers-config", default=None, metavar="PATH")
+    config.set_defaults(func=_config)
     return parser
 
 
