@@ -6,6 +6,8 @@ database surfaces as an error, never as a hung request.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,23 @@ def make_engine(database_url: str, connect_timeout_s: float) -> Engine:
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # WAL lets the admin path write while replicas read; busy_timeout waits instead of failing at once.
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.close()
+    try:
+        cur.execute("PRAGMA busy_timeout=5000")
+        _enable_wal(cur)
+    finally:
+        cur.close()
+
+
+def _enable_wal(cur: Any) -> None:
+    """Switch a fresh database to WAL once. The switch needs the file to itself and SQLite answers it
+    with "locked" at once (no busy wait) while another connection, e.g. a migrator, holds a lock."""
+    for attempt in range(50):
+        if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+            return
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
