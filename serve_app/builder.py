@@ -19,6 +19,7 @@ from deployments.classifier import Classifier
 from deployments.ingress import Ingress
 from deployments.model_replica import ModelReplica
 from serve_app.catalog import ModelSpec, load_catalog
+from serve_app.render import deployment_override
 from serve_app.settings import Settings
 
 
@@ -58,18 +59,5 @@ def _deployment(decorated: object) -> Deployment:
 
 
 def _model_replica(spec: ModelSpec) -> Application:
-    actor_options: dict[str, Any] = {"num_cpus": spec.resources.num_cpus, "num_gpus": spec.resources.num_gpus}
-    if spec.resources.accelerator_type:
-        actor_options["accelerator_type"] = spec.resources.accelerator_type
-    scaling = spec.autoscaling
-    return _deployment(ModelReplica).options(
-        name=spec.deployment_name,
-        ray_actor_options=actor_options,
-        max_ongoing_requests=spec.max_ongoing_requests,
-        autoscaling_config={
-            "min_replicas": scaling.min_replicas,
-            "max_replicas": scaling.max_replicas,
-            "initial_replicas": max(1, scaling.min_replicas),
-            "target_ongoing_requests": scaling.target_ongoing_requests,
-        },
-    ).bind(spec)
+    # The same overrides `iir config render` writes, so a rendered serve_config.yaml and this agree.
+    return _deployment(ModelReplica).options(**deployment_override(spec)).bind(spec)
