@@ -68,9 +68,9 @@ import psycopg2  # noqa: E402
 import yaml  # noqa: E402
 from sqlalchemy import event, text  # noqa: E402
 
-from bench.gateway_bench import _interrupt, _wait_ready  # noqa: E402
+from bench.gateway_bench import _interrupt  # noqa: E402
 from bench.loadgen import CpuMeter, percentile  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
+from tests.support.net import free_port, wait_ready  # noqa: E402
 
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 RAY_ENV = {
@@ -359,7 +359,7 @@ def deploy(build_args: dict[str, Any], env: dict[str, str], proxy_url: str,
     with contextlib.suppress(Exception):
         serve.delete("iir")
     serve.run(build_app(build_args), name="iir", route_prefix="/", blocking=False)
-    _wait_ready(proxy_url, timeout_s=240)
+    wait_ready(proxy_url, timeout_s=240)
     meter = CpuMeter(exclude_pids=set(), upstream_pid=None)
     deadline, urls = time.monotonic() + 60, []
     while time.monotonic() < deadline:

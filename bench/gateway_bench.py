@@ -47,7 +47,7 @@ import httpx  # noqa: E402
 from bench import local_model  # noqa: E402
 from bench.loadgen import CpuMeter, StepResult, Target, metered_step, run_step  # noqa: E402
 from bench.report import render  # noqa: E402
-from tests.support.net import free_port  # noqa: E402
+from tests.support.net import free_port, wait_ready  # noqa: E402
 
 UPSTREAM_KEY = "sk-upstream-bench"
 CHAT_BODY = {"messages": [{"role": "user", "content": "hello from the gateway benchmark please echo this"}],
@@ -97,18 +97,6 @@ class Graph:
 
 
 
-def _wait_ready(base_url: str, timeout_s: float) -> None:
-    deadline, last = time.monotonic() + timeout_s, ""
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{base_url}/ready", timeout=5)
-            if r.status_code == 200:
-                return
-            last = r.text
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(0.5)
-    raise RuntimeError(f"graph not ready after {timeout_s}s: {last}")
 
 
 @contextlib.contextmanager
@@ -138,7 +126,7 @@ def iir_graph(configs: dict[str, Path], database_url: str, *, throughput_optimiz
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
         base_url = f"http://127.0.0.1:{port}"
-        _wait_ready(base_url, timeout_s=240)
+        wait_ready(base_url, timeout_s=240)
         yield Graph(base_url=base_url, startup_s=time.perf_counter() - start)
     finally:
         stop = time.perf_counter()

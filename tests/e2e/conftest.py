@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import requests
 
 from tests.conftest import write_configs
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_ready
 
 
 @dataclass(frozen=True)
@@ -24,19 +23,6 @@ class Graph:
 
 
 
-def _wait_ready(base_url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            r = requests.get(f"{base_url}/ready", timeout=5)
-            if r.status_code == 200:
-                return
-            last = r.text
-        except requests.RequestException as exc:
-            last = str(exc)
-        time.sleep(1)
-    raise RuntimeError(f"graph not ready after {timeout_s}s: {last}")
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +47,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
         base_url = f"http://localhost:{port}"
-        _wait_ready(base_url, timeout_s=240)
+        wait_ready(base_url, timeout_s=240)
         yield Graph(base_url=base_url, database_url=database_url)
     finally:
         serve.shutdown()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import time
+
+import httpx
 
 
 def free_port() -> int:
@@ -10,3 +13,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_ready(base_url: str, timeout_s: float, *, interval_s: float = 0.5) -> None:
+    """Poll ``/ready`` until it answers 200; raise with the last answer when ``timeout_s`` runs out."""
+    deadline, last = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{base_url}/ready", timeout=5)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(interval_s)
+    raise RuntimeError(f"graph not ready after {timeout_s}s: {last}")
