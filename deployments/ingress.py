@@ -1,7 +1,8 @@
 """``Ingress``: the HTTP entry point. Serves the FastAPI app from ``serve_app.api.app.create_app``.
 
 Hot path: key from the local cache (``Auth`` only on a miss), ``Classifier`` only for ``auto``, then
-one hop to a ``ModelReplica`` — or none for a remote model, called from this process.
+one hop to a ``ModelReplica`` — or none for a remote model, called from this process. Which models
+exist, and where their replicas live, comes from the ``Registry``'s snapshot, followed by long poll.
 """
 
 from __future__ import annotations
@@ -11,23 +12,32 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.api.app import create_app
-from serve_app.catalog import Catalog
+from serve_app.classifier import RoutingPolicy
+from serve_app.engines.base import InferenceEngine
 from serve_app.gateway import Gateway, build_gateway
 from serve_app.handles import HandleClient, ReplicaEngine
+from serve_app.registry import RegistryEntry
+from serve_app.serve_replicas import model_app_name
 from serve_app.settings import Settings
 
 
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, settings: Settings, catalog: Catalog, auth: DeploymentHandle,
-                 classifier: DeploymentHandle, models: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, settings: Settings, auth: DeploymentHandle, classifier: DeploymentHandle,
+                 registry: DeploymentHandle, policy: RoutingPolicy | None = None) -> None:
         auth_client = HandleClient(auth)
         self._gateway: Gateway = build_gateway(
-            settings, catalog, verifier=auth_client, key_admin=auth_client,  # type: ignore[arg-type]
+            settings, verifier=auth_client, key_admin=auth_client,  # type: ignore[arg-type]
             classifier=HandleClient(classifier),  # type: ignore[arg-type]
-            local_engines={model_id: ReplicaEngine(h) for model_id, h in models.items()},
+            registry=HandleClient(registry),  # type: ignore[arg-type]
+            local_engine=_model_handle, policy=policy,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self._gateway)
+
+
+def _model_handle(entry: RegistryEntry) -> InferenceEngine:
+    handle = serve.get_deployment_handle(entry.spec.deployment_name, app_name=model_app_name(entry.spec))
+    return ReplicaEngine(handle)

@@ -1,9 +1,14 @@
 """The one place that binds the Ray Serve graph (``serve_config.yaml``: ``serve_app.builder:build_app``).
 
-    Ingress ──(key-cache miss)──▶ Auth
-            ──(model: "auto")───▶ Classifier
-            ──(local model)─────▶ ModelReplica[<model>]   one deployment per local model
-            ──(remote model)────▶ provider over pooled HTTP, from the ingress process
+    application "iir" (serve deploy):
+      Ingress ──(key-cache miss)──▶ Auth
+              ──(model: "auto")───▶ Classifier
+              ──(long poll)───────▶ Registry ──creates, updates, drains──▶ applications "iir-model-<m>"
+              ──(local model)─────▶ ModelReplica in "iir-model-<m>"   (handle from the registry snapshot)
+              ──(remote model)────▶ provider over pooled HTTP, from the ingress process
+
+Local models are not bound here: the Registry deploys each as its own application once it has checked
+that the model fits the cluster (``serve_app.serve_replicas`` says why).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from deployments.auth import Auth
 from deployments.classifier import Classifier
 from deployments.ingress import Ingress
 from deployments.model_replica import ModelReplica
-from serve_app.catalog import ModelSpec, load_catalog
+from deployments.registry import Registry
+from serve_app.catalog import CatalogSourceArgs, ModelSpec
+from serve_app.classifier import RoutingPolicy
 from serve_app.render import deployment_override
 from serve_app.settings import Settings
 
@@ -30,6 +37,11 @@ class BuildArgs(BaseModel):
     models_config: Path | None = None
     providers_config: Path | None = None
     routing_config: Path | None = None
+    # The same documents inline (``iir config render --inline``): the Serve config alone then says
+    # what is served, as KubeRay's serveConfigV2 needs, and `serve deploy` of it changes the models.
+    models: dict[str, Any] | None = None
+    providers: dict[str, Any] | None = None
+    routing: dict[str, Any] | None = None
     ingress_replicas: int = Field(1, ge=1)
     # Logical CPUs reserved per replica of the I/O-bound deployments; models reserve their own.
     ingress_num_cpus: float = Field(0.25, ge=0)
@@ -41,23 +53,28 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     overrides = {k: v for k, v in build.model_dump(include={"models_config", "providers_config",
                                                               "routing_config"}).items() if v}
     settings = Settings(**overrides)
-    catalog = load_catalog(settings.models_config, settings.providers_config)
+    declared = CatalogSourceArgs(models=build.models, providers=build.providers)
+    declared.loader(settings)()  # a broken catalog fails the deploy here, with the file and field named
+    policy = RoutingPolicy.model_validate(build.routing) if build.routing is not None else None
     io_bound: dict[str, Any] = {"max_ongoing_requests": 256,
                                 "ray_actor_options": {"num_cpus": build.service_num_cpus}}
     auth = _deployment(Auth).options(**io_bound).bind(settings)
     classifier = _deployment(Classifier).options(**io_bound).bind()
-    models = {spec.id: _model_replica(spec) for spec in catalog.local_models}
+    # Each ingress replica keeps one long poll open here.
+    registry = _deployment(Registry).options(
+        num_replicas=1, max_ongoing_requests=4096, graceful_shutdown_timeout_s=2,
+        ray_actor_options={"num_cpus": build.service_num_cpus}).bind(settings, declared)
     return _deployment(Ingress).options(
         num_replicas=build.ingress_replicas, max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": build.ingress_num_cpus},
-    ).bind(settings, catalog, auth, classifier, models)
+    ).bind(settings, auth, classifier, registry, policy)
+
+
+def build_model_app(spec: ModelSpec) -> Application:
+    """One local model's application, with the registry's placement and autoscaling."""
+    return _deployment(ModelReplica).options(**deployment_override(spec)).bind(spec)
 
 
 def _deployment(decorated: object) -> Deployment:
     """``@serve.deployment`` classes are ``Deployment`` objects at run time; type checkers can't tell."""
     return cast(Deployment, decorated)
-
-
-def _model_replica(spec: ModelSpec) -> Application:
-    # The same overrides `iir config render` writes, so a rendered serve_config.yaml and this agree.
-    return _deployment(ModelReplica).options(**deployment_override(spec)).bind(spec)

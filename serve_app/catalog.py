@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,11 +37,18 @@ class Autoscaling(_Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(2, gt=0)
+    # Replicas at deploy time; default max(1, min_replicas). 0 with min_replicas 0: start scaled to zero.
+    initial_replicas: int | None = Field(None, ge=0)
+    # How long load must stay low before Serve removes a replica (Serve's default: 600 s).
+    downscale_delay_s: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
+        if self.initial_replicas is not None and not (
+                self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
         return self
 
 
@@ -58,6 +66,12 @@ class ModelSpec(_Strict):
     resources: Resources = Field(default_factory=Resources)
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     max_ongoing_requests: int = Field(16, ge=1)
+    # Routing hints ("code", "small", "multilingual", ...): free-form, matched by routing policies.
+    tags: list[str] = Field(default_factory=list)
+    # USD per 1,000 tokens. Remote: the provider's price. Local: derived from the hardware it reserves
+    # and ``tokens_per_s`` (serve_app.cost) unless set here.
+    cost_per_1k_tokens: float | None = Field(None, ge=0)
+    tokens_per_s: float | None = Field(None, gt=0, description="measured single-stream decode speed")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -99,6 +113,9 @@ class ProviderSpec(_Strict):
     base_url: str
     api_key_env: str | None = Field(None, description="environment variable holding the upstream key")
     timeout_s: float | None = Field(None, gt=0)
+    # List the provider's own models (GET {base_url}/models) at start and on registry refresh.
+    discover: bool = False
+    discover_prefixes: list[str] = Field(default_factory=list, description="keep only ids starting so")
 
 
 class Catalog(_Strict):
@@ -150,10 +167,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def load_catalog(models_path: Path, providers_path: Path | None = None) -> Catalog:
     models = _read_yaml(models_path)
     providers = _read_yaml(providers_path) if providers_path and providers_path.exists() else {}
+    return catalog_from_documents(models, providers, origin=str(models_path))
+
+
+def catalog_from_documents(models: dict[str, Any], providers: dict[str, Any] | None = None, *,
+                           origin: str = "models") -> Catalog:
+    """``models.yaml`` and ``providers.yaml`` as parsed documents (files, or inline in the Serve config)."""
     try:
-        return Catalog(providers=providers.get("providers", []), **models)
-    except ValidationError as exc:
-        raise CatalogError(f"{models_path}: {exc}") from exc
+        return Catalog(providers=(providers or {}).get("providers", []), **models)
+    except (ValidationError, TypeError) as exc:
+        raise CatalogError(f"{origin}: {exc}") from exc
 
 
 def resolve_source(source: str) -> Path:
@@ -169,3 +192,17 @@ def resolve_source(source: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"model source {source!r} not found at {path}")
     return path
+
+
+class CatalogSourceArgs(_Strict):
+    """Where the declared catalog comes from: documents inline in the Serve config (``iir config render
+    --inline``), or else the files named by the settings, re-read on every registry refresh."""
+
+    models: dict[str, Any] | None = None
+    providers: dict[str, Any] | None = None
+
+    def loader(self, settings: Any) -> Callable[[], Catalog]:
+        if self.models is not None:
+            catalog = catalog_from_documents(self.models, self.providers, origin="serve config args.models")
+            return lambda: catalog
+        return lambda: load_catalog(settings.models_config, settings.providers_config)

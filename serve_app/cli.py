@@ -122,7 +122,8 @@ def _config(args: argparse.Namespace) -> int:
     models = Path(pinned.get("models_config", settings.models_config))
     providers = Path(pinned.get("providers_config", settings.providers_config))
     try:
-        text = render_from_files(models, providers, pinned)
+        text = render_from_files(models, providers, pinned, inline=args.inline,
+                                 routing_config=settings.routing_config)
     except CatalogError as exc:
         print(f"iir config render: {exc}", file=sys.stderr)  # noqa: T201
         return 2
@@ -187,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--models-config", default=None, metavar="PATH",
                         help="models.yaml to render (default: IIR_MODELS_CONFIG or configs/models.yaml)")
     render.add_argument("--providers-config", default=None, metavar="PATH")
+    render.add_argument("--inline", action="store_true",
+                        help="embed models/providers/routing in the config instead of naming the files "
+                             "(KubeRay serveConfigV2, nodes without the files)")
     config.set_defaults(func=_config)
     return parser
 

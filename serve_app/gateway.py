@@ -6,18 +6,18 @@ and the in-process tests fill it with the plain objects.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from serve_app.catalog import Catalog
+from serve_app.catalog import Catalog, load_catalog
 from serve_app.classifier import RoutingPolicy
-from serve_app.engines.base import InferenceEngine
-from serve_app.engines.factory import RemoteEngines
 from serve_app.key_cache import KeyVerifier, RevocationListener, VerifiedKeyCache
 from serve_app.keystore import UNSET, KeyInfo, Unset
 from serve_app.rate_limit import RateLimiter, make_redis
-from serve_app.registry import ConfigRegistry
+from serve_app.registry import ModelRegistry, RegistrySnapshot
+from serve_app.registry_follower import LocalEngineFactory, RegistryFollower, RegistrySource
+from serve_app.replicas import InProcessReplicas
 from serve_app.router import ModelRouter, PromptClassifier
 from serve_app.schemas import ApiKeyCreate
 from serve_app.settings import Settings
@@ -44,8 +44,10 @@ class Gateway:
     keys: VerifiedKeyCache
     key_admin: KeyAdmin
     router: ModelRouter
-    # Re-reads configs/ and swaps the router's catalog; returns the diff it applied.
+    # Discovery again (the Registry), applied to this replica's router before it returns the diff.
     refresh_registry: Callable[[], Awaitable[dict[str, Any]]]
+    # The registry as this replica last received it: models with status, nodes.
+    registry_snapshot: Callable[[], RegistrySnapshot]
     revocations: RevocationListener
     limiter: RateLimiter
     usage: UsageRecorder
@@ -55,13 +57,18 @@ class Gateway:
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
-def build_gateway(settings: Settings, catalog: Catalog, *, verifier: KeyVerifier, key_admin: KeyAdmin,
-                  classifier: PromptClassifier, local_engines: Mapping[str, InferenceEngine]) -> Gateway:
-    """Wire the ingress's collaborators; shared by the Ray ``Ingress`` and in-process tests."""
-    remote = RemoteEngines(catalog, settings)
-    policy = RoutingPolicy.load(settings.routing_config)
-    router = ModelRouter(catalog, {**remote.engines, **local_engines}, policy=policy, classifier=classifier)
-    registry = ConfigRegistry(settings, router, local_engines, remote)
+def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAdmin,
+                  classifier: PromptClassifier, registry: RegistrySource,
+                  local_engine: LocalEngineFactory, policy: RoutingPolicy | None = None) -> Gateway:
+    """Wire the ingress's collaborators; shared by the Ray ``Ingress`` and in-process tests.
+
+    The router starts empty and fills from the registry's first snapshot at startup.
+    """
+    policy = policy or RoutingPolicy.load(settings.routing_config)
+    empty = Catalog.model_construct(models=[], providers=[], default_model=policy.default)
+    router = ModelRouter(empty, {}, policy=policy, classifier=classifier,
+                         retry_after_s=settings.model_loading_retry_after_s)
+    follower = RegistryFollower(registry, router, settings, local_engine)
     keys = VerifiedKeyCache(verifier, ttl_s=settings.key_cache_ttl_s, max_size=settings.key_cache_size,
                             negative_ttl_s=settings.negative_key_cache_ttl_s,
                             negative_max_size=settings.negative_key_cache_size,
@@ -69,10 +76,24 @@ def build_gateway(settings: Settings, catalog: Catalog, *, verifier: KeyVerifier
     revocations = RevocationListener(keys, settings.redis_url)
     limiter, usage = _metering(settings, cast(UsageSink, key_admin))
     return Gateway(settings=settings, keys=keys, key_admin=key_admin, router=router,
-                   refresh_registry=registry.refresh, revocations=revocations,
-                   limiter=limiter, usage=usage,
-                   on_startup=[_started(revocations), usage.start],
-                   on_shutdown=[revocations.stop, registry.aclose, usage.stop, limiter.aclose])
+                   refresh_registry=follower.refresh, registry_snapshot=lambda: follower.snapshot,
+                   revocations=revocations, limiter=limiter, usage=usage,
+                   on_startup=[follower.start, _started(revocations), usage.start],
+                   on_shutdown=[revocations.stop, follower.stop, usage.stop, limiter.aclose])
+
+
+def build_in_process_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAdmin,
+                             classifier: PromptClassifier) -> Gateway:
+    """The whole gateway without Ray: the registry lives here and local models load in this process."""
+    replicas = InProcessReplicas()
+    registry = ModelRegistry(lambda: load_catalog(settings.models_config, settings.providers_config),
+                             replicas, models_dir=settings.models_dir, poll_s=settings.registry_poll_s,
+                             cpu_hour_usd=settings.cpu_hour_usd)
+    gateway = build_gateway(settings, verifier=verifier, key_admin=key_admin, classifier=classifier,
+                            registry=registry, local_engine=lambda entry: replicas.engine(entry.id))
+    gateway.on_startup.insert(0, registry.start)
+    gateway.on_shutdown.extend([registry.stop, replicas.aclose])
+    return gateway
 
 
 def _metering(settings: Settings, usage_sink: UsageSink) -> tuple[RateLimiter, UsageRecorder]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Integer, String
+from sqlalchemy import BigInteger, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from serve_app.db import UTCDateTime, utcnow
@@ -61,3 +61,22 @@ class ApiKeyUsage(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+
+
+class RegistryModel(Base):
+    """The model registry's last snapshot, one row per model (``serve_app.registry_store``)."""
+
+    __tablename__ = "registry_models"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    origin: Mapped[str] = mapped_column(String(16))  # config | models_dir | provider
+    engine: Mapped[str] = mapped_column(String(32))
+    task: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))  # available | loading | unavailable
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cost_per_1k_tokens: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tags: Mapped[str] = mapped_column(Text, default="[]")  # JSON list
+    # The whole registry entry as JSON: what a restarted Registry serves before its first refresh.
+    entry: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -1,71 +1,264 @@
-"""The model registry as the ingress sees it: the catalog from ``configs/`` and the engines serving it.
+"""The model registry: declared models (``models.yaml``) plus discovery, fit-checked against the cluster,
+deployed, watched, persisted, and handed to every ingress replica as one versioned snapshot.
 
-``refresh`` re-reads the config files and swaps the router's view at once: remote models appear or
-vanish immediately. A new *local* model needs a ``ModelReplica`` deployment, which comes from
-``serve deploy`` (``docs/ARCHITECTURE.md``); until then it is listed as unavailable with that reason.
+    refresh():  declared catalog ─┐
+                models directory ─┼─▶ specs ─▶ fit check (nodes) ─▶ replicas.apply(local specs that fit)
+                providers' /models┘                                 store.save(snapshot), notify
+    watch loop: replicas.states() every ``poll_s`` ─▶ loading → available, failures → unavailable
+
+Ingresses follow the snapshot with ``wait_for_change`` (a long poll), so no request reads the DB and a
+refresh reaches every ingress replica within one round trip. The DB copy is for restarts and for
+operators (``GET /v1/registry``); losing the DB loses nothing the next refresh cannot rebuild.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
-from serve_app.catalog import Catalog, load_catalog
-from serve_app.engines.base import InferenceEngine
-from serve_app.engines.factory import RemoteEngines
-from serve_app.router import ModelRouter
-from serve_app.settings import Settings
+from pydantic import BaseModel, Field
+
+from serve_app.catalog import Catalog, ModelSpec, ProviderSpec, resolve_source
+from serve_app.cost import CPU_HOUR_USD, cost_per_1k_tokens
+from serve_app.discovery import Origin, discover
+from serve_app.fit import check_fit, estimate_for
+from serve_app.hardware import NodeInfo
 
 logger = logging.getLogger(__name__)
 
+Status = Literal["available", "loading", "unavailable"]
 
-class ConfigRegistry:
-    def __init__(self, settings: Settings, router: ModelRouter,
-                 local_engines: Mapping[str, InferenceEngine], remote: RemoteEngines) -> None:
-        self._settings = settings
-        self._router = router
-        self._local = dict(local_engines)
-        self._remote = remote
-        self._retired: set[asyncio.Task[None]] = set()
 
+class ReplicaState(BaseModel):
+    """What the replica manager sees of one local model's deployment."""
+
+    status: Status
+    running: int = 0
+    message: str = ""
+
+
+class ReplicaManager(Protocol):
+    """Runs local models: Serve applications on Ray (``serve_replicas``), engines in-process in tests."""
+
+    async def nodes(self) -> list[NodeInfo]: ...
+    async def apply(self, wanted: Mapping[str, ModelSpec]) -> None: ...
+    async def states(self) -> dict[str, ReplicaState]: ...
+
+
+class RegistryEntry(BaseModel):
+    spec: ModelSpec
+    origin: Origin
+    status: Status
+    reason: str | None = None
+    cost_per_1k_tokens: float | None = None
+    gpu_memory_gb: float | None = Field(None, description="estimated need of one replica (local models)")
+    replicas: int | None = Field(None, description="running replicas (local models)")
+    node_ids: list[str] = Field(default_factory=list, description="nodes that can host a replica")
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def cold(self) -> bool:
+        """Scaled to zero: the next request starts a replica and is told to come back."""
+        return self.spec.is_local and self.status == "available" and self.replicas == 0
+
+
+class RegistrySnapshot(BaseModel):
+    version: int = 0
+    entries: list[RegistryEntry] = Field(default_factory=list)
+    providers: list[ProviderSpec] = Field(default_factory=list)
+    default_model: str = ""
+    nodes: list[dict[str, Any]] = Field(default_factory=list)
+    refreshed_at: float = 0.0
+
+    def catalog(self) -> Catalog:
+        """Every entry, unavailable ones too: asking for one is a 503 with its reason, not a 404."""
+        return Catalog.model_construct(models=[e.spec for e in self.entries], providers=self.providers,
+                                       default_model=self.default_model)
+
+    def entry(self, model_id: str) -> RegistryEntry | None:
+        return next((e for e in self.entries if e.id == model_id), None)
+
+
+class RegistryStore(Protocol):
+    def load(self) -> list[RegistryEntry]: ...
+    def save(self, entries: list[RegistryEntry]) -> None: ...
+
+
+CatalogSource = Callable[[], Catalog]
+
+
+class ModelRegistry:
+    def __init__(self, source: CatalogSource, replicas: ReplicaManager, *,
+                 store: RegistryStore | None = None, models_dir: Path | None = None,
+                 poll_s: float = 1.0, discovery_timeout_s: float = 5.0,
+                 cpu_hour_usd: float = CPU_HOUR_USD) -> None:
+        self._cpu_hour_usd = cpu_hour_usd
+        self._source = source
+        self._replicas = replicas
+        self._store = store
+        self._models_dir = models_dir
+        self._poll_s = poll_s
+        self._discovery_timeout_s = discovery_timeout_s
+        self._snapshot = RegistrySnapshot()
+        self._changed = asyncio.Condition()
+        self._refresh_lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Serve the persisted list at once, then discover; a failed first refresh is retried by the
+        watch loop rather than keeping the registry (and every ingress) down."""
+        persisted = await self._load_persisted()
+        if persisted:
+            declared = self._source()
+            await self._publish(persisted, declared, nodes=[])
+        try:
+            await self.refresh()
+        except Exception:
+            logger.exception("first registry refresh failed; serving the persisted list")
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def snapshot(self) -> RegistrySnapshot:
+        return self._snapshot
+
+    async def wait_for_change(self, version: int, timeout_s: float = 30.0) -> RegistrySnapshot:
+        """The snapshot as soon as its version differs from ``version`` (or the current one at timeout)."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self._snapshot.version != version),
+                                       timeout_s)
+            except TimeoutError:
+                pass
+        return self._snapshot
+
+    # -- refresh ---------------------------------------------------------------------------------------
     async def refresh(self) -> dict[str, Any]:
-        old = self._router.catalog
-        catalog = load_catalog(self._settings.models_config, self._settings.providers_config)
-        remote = RemoteEngines(catalog, self._settings)
-        engines = {**remote.engines, **{k: v for k, v in self._local.items() if catalog.get(k)}}
-        self._router.replace(catalog, engines)
-        previous, self._remote = self._remote, remote
-        # Requests in flight still hold the old clients: close them once those can have finished.
-        self._retired.add(asyncio.create_task(_close_later(previous, self._settings.upstream_timeout_s)))
-        diff = _diff(old, catalog)
-        diff["unavailable"] = [
-            {"id": m.id, "reason": "local model has no ModelReplica deployment yet; run `serve deploy`"}
-            for m in catalog.local_models if m.id not in self._local
-        ]
-        diff["models"] = [m.id for m in self._router.models()]
-        logger.info("registry refreshed: %s", {k: v for k, v in diff.items() if k != "models"})
-        return diff
+        """Discover, fit-check, apply; the diff against the previous snapshot."""
+        async with self._refresh_lock:
+            before = self._snapshot
+            declared = self._source()
+            nodes = await self._replicas.nodes()
+            found = await discover(declared.models, declared.providers, models_dir=self._models_dir,
+                                   timeout_s=self._discovery_timeout_s)
+            entries = [await self._assess(spec, origin, nodes) for spec, origin in found.specs]
+            await self._replicas.apply({e.id: e.spec for e in entries
+                                        if e.spec.is_local and e.status != "unavailable"})
+            entries = _merge_states(entries, await self._replicas.states())
+            after = await self._publish(entries, declared, nodes)
+            diff = registry_diff(before, after)
+            diff["errors"] = found.errors
+            logger.info("registry refreshed: %s", {k: v for k, v in diff.items() if k != "models"})
+            return diff
 
-    async def aclose(self) -> None:
-        for task in self._retired:
-            task.cancel()
-        await self._remote.aclose()
+    async def _assess(self, spec: ModelSpec, origin: Origin, nodes: list[NodeInfo]) -> RegistryEntry:
+        cost = cost_per_1k_tokens(spec, cpu_hour_usd=self._cpu_hour_usd)
+        if not spec.is_local:
+            return RegistryEntry(spec=spec, origin=origin, status="available", cost_per_1k_tokens=cost)
+        try:
+            await asyncio.to_thread(resolve_source, str(spec.source))
+        except (FileNotFoundError, OSError) as exc:
+            return RegistryEntry(spec=spec, origin=origin, status="unavailable", cost_per_1k_tokens=cost,
+                                 reason=str(exc))
+        estimate = await asyncio.to_thread(estimate_for, spec)
+        fit = check_fit(spec, nodes, estimate_gb=estimate)
+        return RegistryEntry(spec=spec, origin=origin, status="loading" if fit.fits else "unavailable",
+                             reason=None if fit.fits else fit.reason, cost_per_1k_tokens=cost,
+                             gpu_memory_gb=estimate if spec.resources.num_gpus else None,
+                             node_ids=fit.node_ids)
+
+    # -- watch -------------------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Follow replica states; a status change is a new snapshot version for the ingresses."""
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                if not self._snapshot.refreshed_at:
+                    await self.refresh()
+                    continue
+                states = await self._replicas.states()
+                async with self._refresh_lock:
+                    current = self._snapshot
+                    merged = _merge_states(current.entries, states)
+                    if merged != current.entries:
+                        await self._publish(merged, None, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("registry watch failed; retrying", exc_info=True)
+
+    # -- publish -----------------------------------------------------------------------------------------
+    async def _publish(self, entries: list[RegistryEntry], declared: Catalog | None,
+                       nodes: list[NodeInfo] | None) -> RegistrySnapshot:
+        old = self._snapshot
+        snapshot = RegistrySnapshot(
+            version=old.version + 1, entries=sorted(entries, key=lambda e: e.id),
+            providers=declared.providers if declared else old.providers,
+            default_model=declared.default_model if declared else old.default_model,
+            nodes=[n.to_dict() for n in nodes] if nodes is not None else old.nodes,
+            refreshed_at=time.time() if nodes else old.refreshed_at,
+        )
+        async with self._changed:
+            self._snapshot = snapshot
+            self._changed.notify_all()
+        await self._persist(snapshot.entries)
+        return snapshot
+
+    async def _persist(self, entries: list[RegistryEntry]) -> None:
+        if self._store is None:
+            return
+        try:
+            await asyncio.to_thread(self._store.save, entries)
+        except Exception as exc:  # the DB copy is a convenience; the snapshot lives here
+            logger.warning("registry: could not persist the model list: %s", exc)
+
+    async def _load_persisted(self) -> list[RegistryEntry]:
+        if self._store is None:
+            return []
+        try:
+            entries = await asyncio.to_thread(self._store.load)
+        except Exception as exc:
+            logger.warning("registry: could not load the persisted model list: %s", exc)
+            return []
+        # Replicas are unknown until the watch loop looks: local models start as loading.
+        return [e.model_copy(update={"status": "loading", "replicas": None})
+                if e.spec.is_local and e.status == "available" else e for e in entries]
 
 
-async def _close_later(remote: RemoteEngines, delay_s: float) -> None:
-    try:
-        await asyncio.sleep(delay_s)
-    finally:
-        await remote.aclose()
+def _merge_states(entries: list[RegistryEntry], states: Mapping[str, ReplicaState]) -> list[RegistryEntry]:
+    """Local entries take their deployment's state; managers report only models they were told to run."""
+    merged = []
+    for entry in entries:
+        state = states.get(entry.id)
+        if state is None:
+            merged.append(entry)
+            continue
+        merged.append(entry.model_copy(update={
+            "status": state.status, "replicas": state.running,
+            "reason": (state.message or "the deployment failed") if state.status == "unavailable" else None,
+        }))
+    return merged
 
 
-def _diff(old: Catalog, new: Catalog) -> dict[str, Any]:
-    before = {m.id: m for m in old.models}
-    after = {m.id: m for m in new.models}
+def registry_diff(before: RegistrySnapshot, after: RegistrySnapshot) -> dict[str, Any]:
+    old = {e.id: e for e in before.entries}
+    new = {e.id: e for e in after.entries}
     return {
-        "added": sorted(after.keys() - before.keys()),
-        "removed": sorted(before.keys() - after.keys()),
-        "changed": sorted(k for k in before.keys() & after.keys() if before[k] != after[k]),
+        "added": sorted(new.keys() - old.keys()),
+        "removed": sorted(old.keys() - new.keys()),
+        "changed": sorted(k for k in old.keys() & new.keys() if old[k].spec != new[k].spec),
+        "unavailable": [{"id": e.id, "reason": e.reason} for e in after.entries if e.status == "unavailable"],
+        "models": [e.id for e in after.entries if e.status != "unavailable"],
+        "version": after.version,
     }

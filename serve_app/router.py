@@ -6,15 +6,19 @@ Local models are reached through a ``ModelReplica`` handle (one Serve hop); remo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from serve_app.catalog import Catalog, ModelSpec
 from serve_app.classifier import Classification, RoutingPolicy
 from serve_app.engines.base import InferenceEngine
 from serve_app.errors import ModelNotFound, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from serve_app.registry import RegistryEntry
 
 AUTO_MODELS = frozenset({"auto", "iir/auto"})
 logger = logging.getLogger(__name__)
@@ -33,18 +37,38 @@ class Route:
 
 class ModelRouter:
     def __init__(self, catalog: Catalog, engines: Mapping[str, InferenceEngine], *,
-                 policy: RoutingPolicy, classifier: PromptClassifier) -> None:
+                 policy: RoutingPolicy, classifier: PromptClassifier, retry_after_s: int = 5) -> None:
         self._classifier = classifier
         self._policy = policy
+        self._retry_after = str(retry_after_s)
+        self._waking: dict[str, asyncio.Task[None]] = {}
         self.replace(catalog, engines)
 
-    def replace(self, catalog: Catalog, engines: Mapping[str, InferenceEngine]) -> None:
-        """Swap in a new catalog at once; requests in flight keep the engine they resolved."""
+    def replace(self, catalog: Catalog, engines: Mapping[str, InferenceEngine],
+                entries: Mapping[str, RegistryEntry] | None = None) -> None:
+        """Swap in a new catalog at once; requests in flight keep the engine they resolved.
+
+        ``entries`` (from the registry) carry each model's status; without them every model that has
+        an engine counts as available.
+        """
         self.catalog = catalog
         self._engines = dict(engines)
+        self._entries = dict(entries or {})
 
     def models(self) -> list[ModelSpec]:
-        return [m for m in self.catalog.models if m.id in self._engines]
+        """What ``/v1/models`` lists: models that are served or about to be (not the unavailable)."""
+        return [m for m in self.catalog.models
+                if m.id in self._engines and self._status(m.id) != "unavailable"]
+
+    def entry(self, model_id: str) -> RegistryEntry | None:
+        return self._entries.get(model_id)
+
+    def _status(self, model_id: str) -> str:
+        entry = self._entries.get(model_id)
+        return entry.status if entry else "available"
+
+    def _routable(self) -> set[str]:
+        return {m for m in self._engines if self._status(m) == "available"}
 
     def engine_for(self, model_id: str) -> InferenceEngine | None:
         return self._engines.get(model_id)
@@ -53,15 +77,38 @@ class ModelRouter:
         classification = None
         if model in AUTO_MODELS:
             classification = await self._classify(prompt_text)
-            model = self._policy.choose(classification.category, set(self._engines))
+            model = self._policy.choose(classification.category, self._routable())
         spec = self.catalog.get(model)
         if spec is None:
             raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
                                 param="model")
         engine = self._engines.get(spec.id)
+        entry = self._entries.get(spec.id)
+        if entry is not None and entry.status == "unavailable":
+            raise ServiceUnavailable(f"model '{spec.id}' is unavailable: {entry.reason}", param="model",
+                                     code="model_unavailable")
         if engine is None:
             raise ServiceUnavailable(f"model '{spec.id}' is configured but not deployed", param="model")
+        if entry is not None and (entry.status == "loading" or entry.cold):
+            if entry.cold:
+                self._wake(spec.id, engine)
+            raise ServiceUnavailable(
+                f"model '{spec.id}' is starting a replica; retry in {self._retry_after} s", param="model",
+                code="model_loading", headers={"Retry-After": self._retry_after})
         return Route(spec, engine, classification)
+
+    def _wake(self, model_id: str, engine: InferenceEngine) -> None:
+        """A scaled-to-zero model: one queued call makes Serve start a replica; callers retry later."""
+        if model_id in self._waking and not self._waking[model_id].done():
+            return
+        self._waking[model_id] = asyncio.create_task(self._call_health(model_id, engine))
+
+    @staticmethod
+    async def _call_health(model_id: str, engine: InferenceEngine) -> None:
+        try:
+            await engine.check_health()
+        except Exception as exc:  # reported by the registry's watch; here only logged
+            logger.warning("waking %s failed: %s", model_id, exc)
 
     async def _classify(self, text: str) -> Classification:
         try:

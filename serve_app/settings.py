@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     models_config: Path = REPO_CONFIGS / "models.yaml"
     providers_config: Path = REPO_CONFIGS / "providers.yaml"
     routing_config: Path = REPO_CONFIGS / "routing.yaml"
+    # Discovery: GGUF files and Hugging Face folders here become local models on refresh.
+    models_dir: Path | None = None
+    registry_poll_s: float = Field(1.0, gt=0, description="how often the Registry looks at replica states")
+    model_loading_retry_after_s: int = Field(5, ge=1, description="Retry-After while a replica starts")
+    cpu_hour_usd: float = Field(0.04, ge=0, description="price of one vCPU-hour, for local models' cost")
 
     trusted_networks: list[str] = Field(default_factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
     # Peers whose X-Forwarded-For we believe; empty means no header is ever believed.

@@ -33,10 +33,17 @@ def fake_upstream() -> Iterator[FakeUpstream]:
         yield upstream
 
 
-def write_configs(folder: Path, upstream_base_url: str, llama_base_url: str | None = None) -> dict[str, Path]:
-    """The repo's models plus remote models on the tests' fake upstream (and llama.cpp's server)."""
+def write_configs(folder: Path, upstream_base_url: str, llama_base_url: str | None = None, *,
+                  local: bool = True) -> dict[str, Path]:
+    """The repo's models plus remote models on the tests' fake upstream (and llama.cpp's server).
+
+    ``local=False`` leaves the repo's local models out (the default model becomes ``fake/echo-chat``):
+    for tests of the HTTP layer, which would otherwise load them in-process for every test.
+    """
     models = yaml.safe_load((REPO / "configs" / "models.yaml").read_text())
-    models["models"] = [m for m in models["models"] if m["id"].startswith("local/")] + [
+    if not local:
+        models["default_model"] = "fake/echo-chat"
+    models["models"] = [m for m in models["models"] if local and m["id"].startswith("local/")] + [
         {"id": "fake/echo-chat", "engine": "openai", "task": "chat", "source": "echo-1"},
         {"id": "fake/echo-embed", "engine": "openai", "task": "embedding", "source": "echo-embed"},
         {"id": "fake/musicgen", "engine": "http", "task": "generic", "endpoint": "generic/echo"},

@@ -72,7 +72,7 @@ def bare(database_url: str) -> Iterator[KeyStore]:
 def test_fresh_database_reaches_head_and_matches_the_models(bare: KeyStore) -> None:
     result = bare.upgrade()
     assert (result.before, result.after, result.legacy) == (None, migrate.head_revision(), False)
-    assert revision(bare.engine) == migrate.head_revision() == "0002"
+    assert revision(bare.engine) == migrate.head_revision() == "0003"
     assert schema_diff(bare.engine, Base.metadata) == [], "serve_app.models and the migrations disagree"
 
 

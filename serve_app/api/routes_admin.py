@@ -53,3 +53,9 @@ async def revoke_key(key_id: str, gateway: GatewayDep, _: AdminKey) -> dict[str,
 @router.post("/v1/registry/refresh")
 async def refresh_registry(gateway: GatewayDep, _: AdminKey) -> dict[str, Any]:
     return await gateway.refresh_registry()
+
+
+@router.get("/v1/registry")
+async def registry(gateway: GatewayDep, _: AdminKey) -> dict[str, Any]:
+    """Every model with its status (and why it is unavailable), cost and placement, and the nodes."""
+    return gateway.registry_snapshot().model_dump(mode="json")

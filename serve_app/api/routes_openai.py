@@ -14,6 +14,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from serve_app.api import sse
 from serve_app.api.deps import GatewayDep, InferenceKey
 from serve_app.api.metering import Meter, with_stream_usage
+from serve_app.catalog import ModelSpec
+from serve_app.errors import ModelNotFound
+from serve_app.gateway import Gateway
 from serve_app.infer import run_infer
 from serve_app.keystore import KeyInfo
 from serve_app.router import AUTO_MODELS, Route
@@ -85,17 +88,24 @@ async def embeddings(body: EmbeddingRequest, gateway: GatewayDep, key: Inference
 
 @router.get("/v1/models")
 async def list_models(gateway: GatewayDep, _: InferenceKey) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(m.id, m.owner, m.task) for m in gateway.router.models()]}
+    return {"object": "list", "data": [_model_card(gateway, m) for m in gateway.router.models()]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, gateway: GatewayDep, _: InferenceKey) -> dict[str, Any]:
-    route = await gateway.router.resolve(model_id, "")
-    return _model_card(route.spec.id, route.spec.owner, route.spec.task)
+    spec = next((m for m in gateway.router.models() if m.id == model_id), None)
+    if spec is None:
+        raise ModelNotFound(f"The model '{model_id}' does not exist or you do not have access to it.",
+                            param="model")
+    return _model_card(gateway, spec)
 
 
-def _model_card(model_id: str, owner: str, task: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": owner, "task": task}
+def _model_card(gateway: Gateway, spec: ModelSpec) -> dict[str, Any]:
+    # OpenAI's fields, then ours: the SDKs keep fields they don't know.
+    entry = gateway.router.entry(spec.id)
+    return {"id": spec.id, "object": "model", "created": 0, "owned_by": spec.owner, "task": spec.task,
+            "status": entry.status if entry else "available", "tags": spec.tags,
+            "cost_per_1k_tokens": entry.cost_per_1k_tokens if entry else spec.cost_per_1k_tokens}
 
 
 @router.post("/infer")

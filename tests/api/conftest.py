@@ -10,9 +10,8 @@ import pytest
 
 from serve_app.api.app import create_app
 from serve_app.auth import AuthService
-from serve_app.catalog import load_catalog
 from serve_app.classifier import KeywordClassifier
-from serve_app.gateway import Gateway, build_gateway
+from serve_app.gateway import Gateway, build_in_process_gateway
 from serve_app.keystore import KeyStore
 from serve_app.settings import Settings
 from tests.conftest import REDIS_URL, write_configs
@@ -26,15 +25,14 @@ TRUSTED = ("127.0.0.1", 4321)
 async def gateway(tmp_path: Path, fake_upstream: FakeUpstream,
                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
     monkeypatch.setenv("IIR_TEST_UPSTREAM_KEY", str(fake_upstream.api_key))
-    configs = write_configs(tmp_path, fake_upstream.base_url)
+    configs = write_configs(tmp_path, fake_upstream.base_url, local=False)
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'keys.db'}", redis_url=REDIS_URL,
                         max_request_bytes=64 * 1024, **configs)
     store = KeyStore(settings.database_url_plain())
     store.create_schema()
     auth = AuthService(store, redis_url=settings.redis_url, redis_timeout_s=settings.redis_timeout_s)
-    catalog = load_catalog(settings.models_config, settings.providers_config)
-    gw = build_gateway(settings, catalog, verifier=auth, key_admin=auth, classifier=KeywordClassifier(),
-                       local_engines={})
+    gw = build_in_process_gateway(settings, verifier=auth, key_admin=auth,
+                                     classifier=KeywordClassifier())
     yield gw
     await auth.close()
     store.close()

@@ -19,9 +19,8 @@ from redis.asyncio import Redis
 
 from serve_app.api.app import create_app
 from serve_app.auth import AuthService
-from serve_app.catalog import load_catalog
 from serve_app.classifier import KeywordClassifier
-from serve_app.gateway import Gateway, build_gateway
+from serve_app.gateway import Gateway, build_in_process_gateway
 from serve_app.keystore import KeyStore
 from serve_app.settings import Settings
 from tests.api.conftest import TRUSTED
@@ -76,13 +75,12 @@ async def serve(tmp_path: Path, fake_upstream: FakeUpstream,
         folder.mkdir()
         settings = Settings(database_url=f"sqlite:///{folder / 'keys.db'}", redis_url=redis_url,
                             rate_limit_key_prefix=prefix, usage_flush_interval_s=0.05,
-                            **write_configs(folder, fake_upstream.base_url), **overrides)
+                            **write_configs(folder, fake_upstream.base_url, local=False), **overrides)
         store = KeyStore(settings.database_url_plain())
         store.create_schema()
         auth = AuthService(store, redis_url=settings.redis_url, redis_timeout_s=settings.redis_timeout_s)
-        gateway = build_gateway(settings, load_catalog(settings.models_config, settings.providers_config),
-                                verifier=auth, key_admin=auth, classifier=KeywordClassifier(),
-                                local_engines={})
+        gateway = build_in_process_gateway(settings, verifier=auth, key_admin=auth,
+                                     classifier=KeywordClassifier())
         app = create_app(gateway)
         try:
             async with app.router.lifespan_context(app):

@@ -11,9 +11,8 @@ import pytest
 
 from serve_app.api.app import create_app
 from serve_app.auth import AuthService
-from serve_app.catalog import load_catalog
 from serve_app.classifier import KeywordClassifier
-from serve_app.gateway import build_gateway
+from serve_app.gateway import build_in_process_gateway
 from serve_app.keystore import KeyStore
 from serve_app.settings import Settings
 from tests.api.conftest import TRUSTED
@@ -30,13 +29,13 @@ ASK = {"model": MODEL, "max_tokens": 8, "temperature": 0,
 async def client(tmp_path: Path, fake_upstream: FakeUpstream, llama_server: LlamaServer,
                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[httpx.AsyncClient]:
     monkeypatch.setenv("IIR_TEST_UPSTREAM_KEY", str(fake_upstream.api_key))
-    configs = write_configs(tmp_path, fake_upstream.base_url, llama_server.base_url)
+    configs = write_configs(tmp_path, fake_upstream.base_url, llama_server.base_url, local=False)
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'keys.db'}", **configs)
     store = KeyStore(settings.database_url_plain())
     store.create_schema()
     auth = AuthService(store, redis_url=None, redis_timeout_s=0.1)
-    gateway = build_gateway(settings, load_catalog(settings.models_config, settings.providers_config),
-                            verifier=auth, key_admin=auth, classifier=KeywordClassifier(), local_engines={})
+    gateway = build_in_process_gateway(settings, verifier=auth, key_admin=auth,
+                                     classifier=KeywordClassifier())
     app = create_app(gateway)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=TRUSTED)

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -25,12 +26,12 @@ BIN = Path(sys.executable).parent
 
 
 
-def _wait(url: str, timeout_s: float) -> requests.Response:
+def _wait(url: str, timeout_s: float, *, any_answer: bool = False) -> requests.Response:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             r = requests.get(url, timeout=5)
-            if r.status_code == 200 or time.monotonic() > deadline:
+            if r.status_code == 200 or any_answer or time.monotonic() > deadline:
                 return r
         except requests.RequestException:
             if time.monotonic() > deadline:
@@ -52,7 +53,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
          "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait(f"http://127.0.0.1:{dashboard_port}/api/version", timeout_s=120)
+        # With token auth on, the dashboard answers 401 without the token: any answer means it is up.
+        _wait(f"http://127.0.0.1:{dashboard_port}/api/version", timeout_s=120, any_answer=True)
         yield {**env, "RAY_AUTH_MODE": "token", "DASHBOARD": f"http://127.0.0.1:{dashboard_port}"}
     finally:
         os.killpg(head.pid, signal.SIGTERM)
@@ -84,6 +86,33 @@ def test_serve_deploy_of_the_repo_config(ray_head: dict[str, str], tmp_path: Pat
                          timeout=60)
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"].strip()
 
-    status = subprocess.run([str(BIN / "serve"), "status", "-a", ray_head["DASHBOARD"]], env=ray_head,
+    before = _serve_status(ray_head)
+    model_app = before["applications"]["iir-model-smollm2-135m"]
+    assert before["applications"]["iir"]["status"] == "RUNNING" and model_app["status"] == "RUNNING"
+
+    # A later `serve deploy` that changes the control plane: the iir application is redeployed, its
+    # Registry restarts, and the model applications it runs are left as they are (not restarted).
+    config["applications"][0]["args"] = {"service_num_cpus": 0.05}
+    path.write_text(yaml.safe_dump(config))
+    again = subprocess.run([str(BIN / "serve"), "deploy", str(path), "-a", ray_head["DASHBOARD"]],
+                           env=ray_head, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    deadline = time.monotonic() + 180
+    while True:
+        after = _serve_status(ray_head)["applications"]
+        iir = after["iir"]
+        if iir["status"] == "RUNNING" and iir["last_deployed_time_s"] > before["applications"]["iir"][
+                "last_deployed_time_s"] and _wait(f"{base}/ready", 60).status_code == 200:
+            break
+        assert time.monotonic() < deadline, after
+        time.sleep(2)
+    assert after["iir-model-smollm2-135m"]["last_deployed_time_s"] == model_app["last_deployed_time_s"]
+    assert after["iir-model-smollm2-135m"]["status"] == "RUNNING"
+
+
+def _serve_status(env: dict[str, str]) -> dict[str, Any]:
+    status = subprocess.run([str(BIN / "serve"), "status", "-a", env["DASHBOARD"]], env=env,
                             capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0 and "RUNNING" in status.stdout
+    assert status.returncode == 0, status.stderr[-2000:]
+    parsed: dict[str, Any] = yaml.safe_load(status.stdout)
+    return parsed

@@ -47,7 +47,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
         base_url = f"http://localhost:{port}"
-        wait_ready(base_url, timeout_s=240)
+        wait_ready(base_url, timeout_s=240, all_models=True)
         yield Graph(base_url=base_url, database_url=database_url)
     finally:
         serve.shutdown()

@@ -1,0 +1,105 @@
+"""``ServeReplicas``: each local model of the registry runs as its own Serve application.
+
+    iir             Ingress, Auth, Classifier, Registry   ← serve deploy serve_config.yaml (declarative)
+    iir-model-<m>   ModelReplica for model <m>            ← created, updated, deleted by the Registry
+
+Why separate applications: the Registry can add, change and drain a model without redeploying the
+``iir`` application (its ingress keeps serving), and Serve keeps applications created through its
+Python API when a config is applied with ``serve deploy`` (it deletes only applications that came
+from an earlier config), so a control-plane redeploy never restarts model replicas. Each model
+application has no route prefix: only the ingress reaches it, through a handle.
+
+Each deployment carries the registry's ``ray_actor_options`` (``num_cpus``, ``num_gpus``,
+``accelerator_type``), ``max_ongoing_requests`` and ``autoscaling_config``, so Ray places replicas on
+nodes that have what the model needs and Serve scales them between the registry's bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serve_app.catalog import ModelSpec
+from serve_app.hardware import NodeInfo, discover_nodes
+from serve_app.registry import ReplicaState
+from serve_app.render import MODEL_APP_PREFIX as APP_PREFIX
+from serve_app.render import model_app_name
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["APP_PREFIX", "ServeReplicas", "model_app_name"]
+
+
+class ServeReplicas:
+    def __init__(self, build: Callable[[ModelSpec], Application]) -> None:
+        self._build = build
+        self._deployed: dict[str, ModelSpec] = {}  # what this manager (or its predecessor) deployed
+        self._wanted: dict[str, ModelSpec] = {}
+
+    def adopt(self, specs: Mapping[str, ModelSpec]) -> None:
+        """After a Registry restart: the specs its predecessor deployed (from the DB copy), so unchanged
+        models are left running instead of being redeployed."""
+        self._deployed = dict(specs)
+
+    async def nodes(self) -> list[NodeInfo]:
+        return await asyncio.to_thread(discover_nodes)
+
+    async def apply(self, wanted: Mapping[str, ModelSpec]) -> None:
+        existing = await asyncio.to_thread(self._model_apps)
+        self._wanted = dict(wanted)
+        for model_id, spec in wanted.items():
+            name = model_app_name(spec)
+            if name in existing and self._deployed.get(model_id) == spec:
+                continue
+            logger.info("deploying %s as application %s (%s)", model_id, name,
+                        "update" if name in existing else "new")
+            await asyncio.to_thread(self._deploy, name, spec)
+            self._deployed[model_id] = spec
+        keep = {model_app_name(s) for s in wanted.values()}
+        for name in sorted(existing - keep):
+            logger.info("draining application %s: its model left the registry", name)
+            await asyncio.to_thread(serve.delete, name, _blocking=False)
+        self._deployed = {k: v for k, v in self._deployed.items() if k in wanted}
+
+    async def states(self) -> dict[str, ReplicaState]:
+        status = await asyncio.to_thread(serve.status)
+        return {model_id: _state(spec, status.applications.get(model_app_name(spec)))
+                for model_id, spec in self._wanted.items()}
+
+    def _deploy(self, name: str, spec: ModelSpec) -> None:
+        # serve._run with _blocking=False returns once Serve has the application, without waiting for
+        # its replicas: the watch loop follows them, and a model that loads for minutes blocks nothing.
+        serve._run(self._build(spec), _blocking=False, name=name, route_prefix=None)
+
+    @staticmethod
+    def _model_apps() -> set[str]:
+        return {name for name in serve.status().applications if name.startswith(APP_PREFIX)}
+
+
+def _state(spec: ModelSpec, app: Any) -> ReplicaState:
+    """Serve's view of a model application → the registry's status."""
+    if app is None:
+        return ReplicaState(status="loading", message="application not created yet")
+    deployment = app.deployments.get(spec.deployment_name)
+    running = sum(n for state, n in deployment.replica_states.items() if _name(state) == "RUNNING") \
+        if deployment else 0
+    failed = _name(app.status) in ("DEPLOY_FAILED", "UNHEALTHY") or (
+        deployment is not None and _name(deployment.status) in ("DEPLOY_FAILED", "UNHEALTHY"))
+    if failed and running == 0:
+        message = (deployment.message if deployment and deployment.message else app.message)
+        return ReplicaState(status="unavailable", message=(message or _name(app.status))[:500])
+    if running > 0:
+        return ReplicaState(status="available", running=running)
+    if spec.autoscaling.min_replicas == 0 and _name(app.status) == "RUNNING":
+        return ReplicaState(status="available", running=0)  # scaled to zero: the router wakes it
+    return ReplicaState(status="loading", running=0)
+
+
+def _name(value: Any) -> str:
+    """Serve's status enums are ``str`` enums; compare by value whatever ``str()`` makes of them."""
+    return str(getattr(value, "value", value))

