@@ -246,7 +246,8 @@ def _merge_states(entries: list[RegistryEntry], states: Mapping[str, ReplicaStat
             continue
         merged.append(entry.model_copy(update={
             "status": state.status, "replicas": state.running,
-            "reason": (state.message or "the deployment failed") if state.status == "unavailable" else None,
+            "reason": (state.message or "the deployment failed") if state.status == "unavailable"
+            else state.message or None,
         }))
     return merged
 

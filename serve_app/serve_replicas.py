@@ -97,7 +97,9 @@ def _state(spec: ModelSpec, app: Any) -> ReplicaState:
         return ReplicaState(status="available", running=running)
     if spec.autoscaling.min_replicas == 0 and _name(app.status) == "RUNNING":
         return ReplicaState(status="available", running=0)  # scaled to zero: the router wakes it
-    return ReplicaState(status="loading", running=0)
+    # Serve says why a replica is not up yet, e.g. "taken more than 30s to be scheduled ... Resources
+    # required for each replica: ...": the reason an operator needs when a model stays loading.
+    return ReplicaState(status="loading", running=0, message=(deployment.message if deployment else "")[:500])
 
 
 def _name(value: Any) -> str:
