@@ -9,6 +9,7 @@ from typing import Any
 from ray import serve
 
 from serve_app.catalog import CatalogSourceArgs
+from serve_app.hardware import launchable_nodes
 from serve_app.registry import ModelRegistry, RegistrySnapshot
 from serve_app.registry_store import SqlRegistryStore
 from serve_app.serve_replicas import ServeReplicas
@@ -30,7 +31,9 @@ class Registry:
         replicas = ServeReplicas(build_model_app)
         self._registry = ModelRegistry(declared.loader(settings), replicas, store=store,
                                        models_dir=settings.models_dir, poll_s=settings.registry_poll_s,
-                                       cpu_hour_usd=settings.cpu_hour_usd)
+                                       idle_poll_s=settings.registry_idle_poll_s,
+                                       cpu_hour_usd=settings.cpu_hour_usd,
+                                       launchable=launchable_nodes(settings.launchable_nodes))
         replicas.adopt({e.id: e.spec for e in _safe_load(store)
                         if e.spec.is_local and e.status != "unavailable"})
         self._started: asyncio.Task[None] | None = None

@@ -42,7 +42,10 @@ def _serve(args: argparse.Namespace) -> int:
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=args.dashboard)
     serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
     serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
-    print(f"IIR is serving on http://{settings.http_host}:{settings.http_port}", flush=True)  # noqa: T201
+    base_url = f"http://{settings.http_host}:{settings.http_port}"
+    # The control plane is up; the Registry now deploys the local models. Say when the default answers.
+    print(f"IIR is up on {base_url}; loading models…", flush=True)  # noqa: T201
+    print(_wait_ready(base_url, timeout_s=300), flush=True)  # noqa: T201
     stop = False
 
     def _stop(*_: Any) -> None:
@@ -57,6 +60,22 @@ def _serve(args: argparse.Namespace) -> int:
     serve.shutdown()
     ray.shutdown()
     return 0
+
+
+def _wait_ready(base_url: str, timeout_s: float) -> str:
+    import httpx
+
+    deadline, last = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{base_url}/ready", timeout=5)
+            if r.status_code == 200:
+                return f"IIR is ready: {r.json()['models']}"
+            last = r.text
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(1)
+    return f"IIR is serving, but not ready after {timeout_s:g} s (GET {base_url}/ready): {last}"
 
 
 def _store() -> KeyStore:

@@ -12,6 +12,7 @@ from typing import Any, Protocol, cast
 
 from serve_app.catalog import Catalog, load_catalog
 from serve_app.classifier import RoutingPolicy
+from serve_app.hardware import launchable_nodes
 from serve_app.key_cache import KeyVerifier, RevocationListener, VerifiedKeyCache
 from serve_app.keystore import UNSET, KeyInfo, Unset
 from serve_app.rate_limit import RateLimiter, make_redis
@@ -88,7 +89,9 @@ def build_in_process_gateway(settings: Settings, *, verifier: KeyVerifier, key_a
     replicas = InProcessReplicas()
     registry = ModelRegistry(lambda: load_catalog(settings.models_config, settings.providers_config),
                              replicas, models_dir=settings.models_dir, poll_s=settings.registry_poll_s,
-                             cpu_hour_usd=settings.cpu_hour_usd)
+                             idle_poll_s=settings.registry_idle_poll_s,
+                             cpu_hour_usd=settings.cpu_hour_usd,
+                             launchable=launchable_nodes(settings.launchable_nodes))
     gateway = build_gateway(settings, verifier=verifier, key_admin=key_admin, classifier=classifier,
                             registry=registry, local_engine=lambda entry: replicas.engine(entry.id))
     gateway.on_startup.insert(0, registry.start)

@@ -128,3 +128,12 @@ def _with_local_memory(node: NodeInfo, probe: Callable[[], float | None]) -> Nod
     if measured is None:
         return node
     return replace(node, gpu_memory_gb=measured)
+
+
+def launchable_nodes(shapes: list[Any]) -> list[NodeInfo]:
+    """Node shapes the autoscaler can add (``IIR_LAUNCHABLE_NODES``) as nodes for the fit check."""
+    return [NodeInfo(node_id=f"launchable:{i}", address="", num_cpus=float(shape.num_cpus),
+                     num_gpus=float(shape.num_gpus), accelerator_type=shape.accelerator_type,
+                     gpu_memory_gb=shape.gpu_memory_gb or table_gpu_memory_gb(shape.accelerator_type),
+                     labels={"iir/launchable": "true"})
+            for i, shape in enumerate(shapes)]

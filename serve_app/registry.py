@@ -45,7 +45,9 @@ class ReplicaManager(Protocol):
     """Runs local models: Serve applications on Ray (``serve_replicas``), engines in-process in tests."""
 
     async def nodes(self) -> list[NodeInfo]: ...
-    async def apply(self, wanted: Mapping[str, ModelSpec]) -> None: ...
+    async def apply(self, wanted: Mapping[str, ModelSpec]) -> dict[str, ReplicaState]:
+        """Run exactly ``wanted``; the states right after (new deployments are loading)."""
+        ...
     async def states(self) -> dict[str, ReplicaState]: ...
 
 
@@ -97,14 +99,16 @@ CatalogSource = Callable[[], Catalog]
 class ModelRegistry:
     def __init__(self, source: CatalogSource, replicas: ReplicaManager, *,
                  store: RegistryStore | None = None, models_dir: Path | None = None,
-                 poll_s: float = 1.0, discovery_timeout_s: float = 5.0,
-                 cpu_hour_usd: float = CPU_HOUR_USD) -> None:
+                 poll_s: float = 1.0, idle_poll_s: float = 10.0, discovery_timeout_s: float = 5.0,
+                 cpu_hour_usd: float = CPU_HOUR_USD, launchable: list[NodeInfo] | None = None) -> None:
         self._cpu_hour_usd = cpu_hour_usd
+        self._launchable = list(launchable or [])
         self._source = source
         self._replicas = replicas
         self._store = store
         self._models_dir = models_dir
         self._poll_s = poll_s
+        self._idle_poll_s = max(poll_s, idle_poll_s)
         self._discovery_timeout_s = discovery_timeout_s
         self._snapshot = RegistrySnapshot()
         self._changed = asyncio.Condition()
@@ -147,18 +151,25 @@ class ModelRegistry:
     async def refresh(self) -> dict[str, Any]:
         """Discover, fit-check, apply; the diff against the previous snapshot."""
         async with self._refresh_lock:
+            timer = _StepTimer()
             before = self._snapshot
             declared = self._source()
-            nodes = await self._replicas.nodes()
+            nodes = await self._replicas.nodes() + self._launchable
+            timer.step("nodes")
             found = await discover(declared.models, declared.providers, models_dir=self._models_dir,
                                    timeout_s=self._discovery_timeout_s)
+            timer.step("discovery")
             entries = [await self._assess(spec, origin, nodes) for spec, origin in found.specs]
-            await self._replicas.apply({e.id: e.spec for e in entries
-                                        if e.spec.is_local and e.status != "unavailable"})
-            entries = _merge_states(entries, await self._replicas.states())
+            timer.step("fit")
+            states = await self._replicas.apply({e.id: e.spec for e in entries
+                                                 if e.spec.is_local and e.status != "unavailable"})
+            entries = _merge_states(entries, states)
+            timer.step("apply")
             after = await self._publish(entries, declared, nodes)
+            timer.step("publish")
             diff = registry_diff(before, after)
             diff["errors"] = found.errors
+            diff["took_ms"] = timer.steps
             logger.info("registry refreshed: %s", {k: v for k, v in diff.items() if k != "models"})
             return diff
 
@@ -182,7 +193,7 @@ class ModelRegistry:
     async def _watch(self) -> None:
         """Follow replica states; a status change is a new snapshot version for the ingresses."""
         while True:
-            await asyncio.sleep(self._poll_s)
+            await asyncio.sleep(self._poll_s if self._settling() else self._idle_poll_s)
             try:
                 if not self._snapshot.refreshed_at:
                     await self.refresh()
@@ -197,6 +208,11 @@ class ModelRegistry:
                 raise
             except Exception:
                 logger.warning("registry watch failed; retrying", exc_info=True)
+
+    def _settling(self) -> bool:
+        """Poll fast while a model loads or sits at zero replicas (a request may be waking it)."""
+        return any(e.spec.is_local and (e.status == "loading" or e.replicas == 0)
+                   for e in self._snapshot.entries)
 
     # -- publish -----------------------------------------------------------------------------------------
     async def _publish(self, entries: list[RegistryEntry], declared: Catalog | None,
@@ -234,6 +250,19 @@ class ModelRegistry:
         # Replicas are unknown until the watch loop looks: local models start as loading.
         return [e.model_copy(update={"status": "loading", "replicas": None})
                 if e.spec.is_local and e.status == "available" else e for e in entries]
+
+
+class _StepTimer:
+    """Milliseconds per refresh step, reported in the diff: where a slow refresh spends its time."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def step(self, name: str) -> None:
+        now = time.perf_counter()
+        self.steps[name] = round((now - self._last) * 1000, 1)
+        self._last = now
 
 
 def _merge_states(entries: list[RegistryEntry], states: Mapping[str, ReplicaState]) -> list[RegistryEntry]:

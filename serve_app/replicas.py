@@ -37,13 +37,14 @@ class InProcessReplicas:
     async def nodes(self) -> list[NodeInfo]:
         return [self._node]
 
-    async def apply(self, wanted: Mapping[str, ModelSpec]) -> None:
+    async def apply(self, wanted: Mapping[str, ModelSpec]) -> dict[str, ReplicaState]:
         for model_id in [m for m in self._specs if m not in wanted or wanted[m] != self._specs[m]]:
             await self._retire(model_id)
         for model_id, spec in wanted.items():
             if model_id not in self._specs:
                 self._specs[model_id] = spec
                 self._loading[model_id] = asyncio.create_task(asyncio.to_thread(build_local_engine, spec))
+        return await self.states()
 
     async def states(self) -> dict[str, ReplicaState]:
         for model_id, task in list(self._loading.items()):

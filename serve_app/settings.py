@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -21,6 +21,14 @@ DEFAULT_TRUSTED_NETWORKS = [
     "192.168.0.0/16",
     "fc00::/7",
 ]
+
+
+class NodeShape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: float = Field(ge=0)
+    num_gpus: float = Field(0, ge=0)
+    accelerator_type: str | None = None
+    gpu_memory_gb: float | None = Field(None, gt=0, description="default: by accelerator type")
 
 
 class Settings(BaseSettings):
@@ -40,9 +48,16 @@ class Settings(BaseSettings):
     routing_config: Path = REPO_CONFIGS / "routing.yaml"
     # Discovery: GGUF files and Hugging Face folders here become local models on refresh.
     models_dir: Path | None = None
-    registry_poll_s: float = Field(1.0, gt=0, description="how often the Registry looks at replica states")
+    # How often the Registry reads replica states from Serve: fast while a model loads or is at zero
+    # replicas, slowly otherwise (each look costs the Serve controller and the Registry CPU).
+    registry_poll_s: float = Field(1.0, gt=0)
+    registry_idle_poll_s: float = Field(10.0, gt=0)
     model_loading_retry_after_s: int = Field(5, ge=1, description="Retry-After while a replica starts")
     cpu_hour_usd: float = Field(0.04, ge=0, description="price of one vCPU-hour, for local models' cost")
+    # Node shapes Ray's autoscaler can add (worker types scaling from zero): the fit check counts them
+    # as nodes, so a GPU model is deployed, and Ray launches the node, instead of being "unavailable".
+    # JSON, e.g. '[{"num_cpus": 4, "num_gpus": 1, "accelerator_type": "A10G"}]'.
+    launchable_nodes: list[NodeShape] = Field(default_factory=list)
 
     trusted_networks: list[str] = Field(default_factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
     # Peers whose X-Forwarded-For we believe; empty means no header is ever believed.

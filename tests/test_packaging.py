@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,34 @@ def test_ray_cluster_starts_ray_with_serve_throughput_mode_and_token_auth(
     assert any(remote.endswith("/.ray/auth_token") for remote in cluster_config["file_mounts"])
 
 
+def _launchable(command: str) -> list[dict[str, Any]]:
+    found = re.search(r"IIR_LAUNCHABLE_NODES='([^']*)'", command)
+    assert found, "IIR_LAUNCHABLE_NODES is not set"
+    shapes: list[dict[str, Any]] = json.loads(found.group(1))
+    return shapes
+
+
+def test_ray_cluster_tells_the_fit_check_about_its_autoscaled_gpu_workers(
+    cluster_config: dict[str, Any],
+) -> None:
+    """GPU workers scale from zero: IIR_LAUNCHABLE_NODES must describe them exactly, on every node."""
+    from serve_app.settings import NodeShape
+
+    wanted = sorted(
+        ({"num_cpus": t["resources"]["CPU"], "num_gpus": t["resources"]["GPU"],
+          "accelerator_type": next(r.removeprefix("accelerator_type:") for r in t["resources"]
+                                   if r.startswith("accelerator_type:"))}
+         for t in cluster_config["available_node_types"].values()
+         if t["resources"].get("GPU", 0) >= 1 and t.get("min_workers", 0) == 0),
+        key=json.dumps)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cluster_config[key] if "ray start" in c)
+        shapes = _launchable(start)
+        for shape in shapes:
+            NodeShape.model_validate(shape)
+        assert sorted(shapes, key=json.dumps) == wanted, key
+
+
 # --------------------------------------------------------------------------------------------- KubeRay
 
 
@@ -116,6 +145,13 @@ def test_rayservice_manifest_embeds_serve_config() -> None:
 
     cluster = spec["rayClusterConfig"]
     assert cluster["rayVersion"] == ray.__version__
+    # The GPU group scales from zero: the fit check is told its shape (IIR_LAUNCHABLE_NODES).
+    env = {e["name"]: e for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    [shape] = json.loads(env["IIR_LAUNCHABLE_NODES"]["value"])
+    [gpu_group] = cluster["workerGroupSpecs"]
+    limits = gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu_group["minReplicas"] == 0
+    assert shape["num_gpus"] == limits["nvidia.com/gpu"] and shape["num_cpus"] == float(limits["cpu"])
     head = cluster["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict)
     head_env = {e["name"]: e for e in head["template"]["spec"]["containers"][0]["env"]}

@@ -195,3 +195,26 @@ def test_local_cost_comes_from_hardware_price_and_speed() -> None:
     assert cost_per_1k_tokens(cpu.model_copy(update={"tokens_per_s": None})) is None
     priced = cpu.model_copy(update={"cost_per_1k_tokens": 0.5})
     assert cost_per_1k_tokens(priced) == 0.5
+
+
+async def test_a_node_shape_the_autoscaler_can_add_counts_for_the_fit(
+        tmp_path: Path, provider: FakeUpstream) -> None:
+    from serve_app.hardware import launchable_nodes
+    from serve_app.settings import NodeShape
+
+    gpu_model = {"id": "local/a10g-chat", "engine": "llama_cpp", "task": "chat", "source": SMOLLM,
+                 "resources": {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "A10G"}}
+    models, providers = write_catalog(tmp_path, provider.base_url, extra=[gpu_model])
+    without = ModelRegistry(lambda: load_catalog(models, providers), InProcessReplicas())
+    assert (await without.refresh())["unavailable"][0]["reason"].startswith("needs 1 GPU(s) on one node")
+
+    shapes = launchable_nodes([NodeShape(num_cpus=4, num_gpus=1, accelerator_type="A10G")])
+    replicas = InProcessReplicas()
+    with_shape = ModelRegistry(lambda: load_catalog(models, providers), replicas, launchable=shapes)
+    diff = await with_shape.refresh()
+    assert diff["unavailable"] == [] and "local/a10g-chat" in diff["models"]
+    entry = with_shape.snapshot().entry("local/a10g-chat")
+    assert entry is not None and entry.node_ids == ["launchable:0"]
+    assert entry.gpu_memory_gb is not None and entry.gpu_memory_gb < 24  # A10G: 24 GB from the table
+    assert "local/a10g-chat" in await replicas.states()  # deployed: Ray would launch the node for it
+    await replicas.aclose()

@@ -90,9 +90,15 @@ def test_serve_deploy_of_the_repo_config(ray_head: dict[str, str], tmp_path: Pat
     model_app = before["applications"]["iir-model-smollm2-135m"]
     assert before["applications"]["iir"]["status"] == "RUNNING" and model_app["status"] == "RUNNING"
 
-    # A later `serve deploy` that changes the control plane: the iir application is redeployed, its
-    # Registry restarts, and the model applications it runs are left as they are (not restarted).
-    config["applications"][0]["args"] = {"service_num_cpus": 0.05}
+    # A later `serve deploy` of `iir config render --inline` (the catalog inside the config, same models):
+    # the iir application is redeployed, its Registry restarts, and the model applications it runs are
+    # adopted as they are (not restarted).
+    render = subprocess.run([str(BIN / "iir"), "config", "render", "--inline", "--out", str(path)],
+                            env=ray_head, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert render.returncode == 0, render.stderr
+    config = yaml.safe_load(path.read_text())
+    assert config["applications"][0]["args"]["models"]["default_model"] == "local/smollm2-135m"
+    config["http_options"].update(host="127.0.0.1", port=port)
     path.write_text(yaml.safe_dump(config))
     again = subprocess.run([str(BIN / "serve"), "deploy", str(path), "-a", ray_head["DASHBOARD"]],
                            env=ray_head, cwd=REPO, capture_output=True, text=True, timeout=120)
