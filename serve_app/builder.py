@@ -59,7 +59,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     io_bound: dict[str, Any] = {"max_ongoing_requests": 256,
                                 "ray_actor_options": {"num_cpus": build.service_num_cpus}}
     auth = _deployment(Auth).options(**io_bound).bind(settings)
-    classifier = _deployment(Classifier).options(**io_bound).bind()
+    classifier = _deployment(Classifier).options(**io_bound).bind(settings)
     # Each ingress replica keeps one long poll open here.
     registry = _deployment(Registry).options(
         num_replicas=1, max_ongoing_requests=4096, graceful_shutdown_timeout_s=2,

@@ -72,6 +72,9 @@ class ModelSpec(_Strict):
     # and ``tokens_per_s`` (serve_app.cost) unless set here.
     cost_per_1k_tokens: float | None = Field(None, ge=0)
     tokens_per_s: float | None = Field(None, gt=0, description="measured single-stream decode speed")
+    # How capable the model is, for cost-aware "auto" routing (routing.yaml tiers): 1 small, 2 solid,
+    # 3 frontier.
+    quality_tier: int = Field(1, ge=1, le=5)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:

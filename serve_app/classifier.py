@@ -1,35 +1,42 @@
-"""Prompt classification for ``model: "auto"``: a keyword scorer and the routing policy.
+"""Prompt classification for ``model: "auto"``: sentence embeddings + a trained linear head, and the
+routing policy that turns a classification into a model.
 
-This is the honest first version (weighted keyword cues, no learning); a later issue swaps in an
-embedding model with a trained head behind the same ``classify`` call.
+    conversation ─▶ (last user turn, earlier turns) ─▶ MiniLM int8 embeddings (serve_app/embedder.py)
+                                    └─▶ hashed character and word n-grams of the last user turn
+                 ─▶ features ─▶ softmax head → category, confidence
+                             ─▶ ridge head  → complexity in [0, 1]
+
+The n-grams catch what sentence embeddings blur (code syntax, "tl;dr", "traduis", digits and
+operators): on the validation split they took accuracy from 0.80 to 0.90 (docs/ARCHITECTURE.md).
+
+The head is trained by ``iir classifier train`` (``serve_app/classifier_train.py``) on the
+hand-written prompts in ``data/classifier/``; the artifact (``configs/classifier/head.json``) and its
+metrics (``configs/classifier/metrics.json``) are committed. ``features`` below is used by both the
+training and the serving path, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
-import re
+import asyncio
+import base64
+import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+from sklearn.feature_extraction.text import HashingVectorizer
 
 CATEGORIES = ("code", "math", "reasoning", "creative", "summarize", "translate", "chat")
+Conversation = Sequence[tuple[str, str]]  # (role, text), in order; the last user turn is the request
 
-_CUES: dict[str, tuple[str, ...]] = {
-    "code": (r"\bcode\b", r"\bpython\b", r"\bjavascript\b", r"\bfunction\b", r"\bbug\b", r"\bsql\b",
-             r"\bregex\b", r"\bbash\b", r"\bcompile", r"\bdebug", r"def |class |import |```", r"\bdocker"),
-    "math": (r"\d+\s*[-+*/^]\s*\d+", r"\bsolve\b", r"\bequation", r"\bintegral", r"\bderivative",
-             r"\bprove\b", r"\bcalculate\b", r"\bsum of\b", r"\bprobability\b", r"\balgebra"),
-    "reasoning": (r"\bwhy\b", r"\bstep by step\b", r"\btrade-?offs?\b", r"\bcompare\b", r"\bplan\b",
-                  r"\bpuzzle\b", r"\blogic", r"\bpros and cons\b", r"\banaly[sz]e\b"),
-    "creative": (r"\bstory\b", r"\bpoem\b", r"\bhaiku\b", r"\bjoke\b", r"\bslogan\b", r"\blyrics\b",
-                 r"\bname ideas\b", r"\bimagine\b", r"\bwrite a song\b"),
-    "summarize": (r"\bsummari[sz]e\b", r"\bsummary\b", r"\btl;?dr\b", r"\bcondense\b", r"\bkey points\b"),
-    "translate": (r"\btranslat", r"\bin (french|spanish|german|italian|chinese|japanese)\b",
-                  r"\binto (english|french|spanish|german)\b"),
-    "chat": (r"^\s*(hi|hello|hey)\b", r"\bhow are you\b", r"\bthanks?\b", r"\bwhat is the capital\b"),
-}
-_COMPILED = {cat: [re.compile(p, re.IGNORECASE) for p in pats] for cat, pats in _CUES.items()}
+# ~256 tokens is what MiniLM reads; long turns keep their head and tail, where instructions sit.
+HEAD_CHARS, TAIL_CHARS, CONTEXT_CHARS = 600, 400, 600
+FOLLOW_UP_WORDS, FOLLOW_UP_CONTEXT_CHARS = 10, 300
 
 
 @dataclass(frozen=True)
@@ -40,40 +47,187 @@ class Classification:
     scores: dict[str, float]
 
 
-class KeywordClassifier:
-    """Scores each category by the cues it matches; ``chat`` wins when nothing matches."""
+class Embedder(Protocol):
+    dimensions: int
 
-    async def classify(self, text: str) -> Classification:
-        return self.classify_text(text)
-
-    def classify_text(self, text: str) -> Classification:
-        hits = {cat: sum(1 for p in pats if p.search(text)) for cat, pats in _COMPILED.items()}
-        total = sum(hits.values())
-        if total == 0:
-            scores = {cat: (1.0 if cat == "chat" else 0.0) for cat in CATEGORIES}
-            return Classification("chat", 0.5, _complexity(text), scores)
-        scores = {cat: hits[cat] / total for cat in CATEGORIES}
-        best = max(CATEGORIES, key=lambda c: scores[c])
-        return Classification(best, scores[best], _complexity(text), scores)
+    def embed(self, texts: list[str]) -> np.ndarray: ...
 
 
-def _complexity(text: str) -> float:
-    # Length is a crude but monotone proxy until the trained head lands.
-    return round(min(1.0, len(text.split()) / 400), 3)
+def conversation_parts(conversation: Conversation) -> tuple[str, str]:
+    """(the request: the last user turn, its context: earlier user/assistant turns, newest last).
+
+    System prompts are left out: they describe the assistant, not the request, and are often
+    unrelated to it (a coding bot asked for small talk).
+    """
+    turns = [(role, text) for role, text in conversation if role in ("user", "assistant") and text.strip()]
+    last_user = max((i for i, (role, _) in enumerate(turns) if role == "user"), default=len(turns) - 1)
+    if last_user < 0:
+        return "", ""
+    request = _clip(turns[last_user][1])
+    context = "\n".join(text for _, text in turns[:last_user])[-CONTEXT_CHARS:]
+    if context and len(request.split()) < FOLLOW_UP_WORDS:
+        # "why does it crash?", "now in 3 bullets": a short follow-up means little without what it
+        # follows, so the request is read with the end of the conversation before it.
+        request = context[-FOLLOW_UP_CONTEXT_CHARS:] + "\n" + request
+    return request, context
+
+
+def _clip(text: str) -> str:
+    text = text.strip()
+    if len(text) <= HEAD_CHARS + TAIL_CHARS:
+        return text
+    return text[:HEAD_CHARS] + " … " + text[-TAIL_CHARS:]
+
+
+# Stateless (hashing, no vocabulary to ship): the same transform at training and serving time.
+_CHAR_NGRAMS = HashingVectorizer(n_features=2**12, analyzer="char_wb", ngram_range=(2, 4),
+                                 alternate_sign=False, norm="l2")
+_WORD_NGRAMS = HashingVectorizer(n_features=2**12, analyzer="word", ngram_range=(1, 2), alternate_sign=False,
+                                 norm="l2", token_pattern=r"(?u)\b\w+\b|[^\w\s]")
+
+
+def features(embedder: Embedder, conversations: Sequence[Conversation]) -> np.ndarray:
+    """One row per conversation: [request embedding, context embedding (zeros if none),
+    has_context, log length of the request, request char n-grams, request word n-grams,
+    context word n-grams]."""
+    parts = [conversation_parts(c) for c in conversations]
+    texts = [request for request, _ in parts]
+    with_context = [i for i, (_, context) in enumerate(parts) if context]
+    vectors = embedder.embed(texts + [parts[i][1] for i in with_context])
+    dims = embedder.dimensions
+    context = np.zeros((len(parts), dims), dtype=np.float32)
+    for row, i in enumerate(with_context):
+        context[i] = vectors[len(texts) + row]
+    extra = np.array([[1.0 if ctx else 0.0, math.log1p(len(req)) / 10] for req, ctx in parts],
+                     dtype=np.float32)
+    chars = _CHAR_NGRAMS.transform(texts).toarray().astype(np.float32)
+    words = _WORD_NGRAMS.transform(texts).toarray().astype(np.float32)
+    context_words = _WORD_NGRAMS.transform([ctx for _, ctx in parts]).toarray().astype(np.float32)
+    return np.hstack([vectors[: len(texts)], context, extra, chars, words, context_words])
+
+
+class ClassifierHead(BaseModel):
+    """The trained artifact: a multinomial logistic regression and a ridge regression on ``features``.
+
+    Weights are stored as base64 of little-endian float32 (≈ 340 KB instead of megabytes of JSON
+    digits); ``categories``, the shape and the training facts stay readable.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    categories: list[str]
+    n_features: int
+    weights_b64: str  # categories × n_features
+    bias: list[float]
+    complexity_weights_b64: str  # n_features
+    complexity_bias: float
+    embedder: str = Field(description="the embedding the head was trained on")
+    trained_on: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_arrays(cls, categories: list[str], weights: np.ndarray, bias: np.ndarray,
+                    complexity_weights: np.ndarray, complexity_bias: float, **info: Any) -> ClassifierHead:
+        return cls(categories=categories, n_features=int(weights.shape[1]), weights_b64=_pack(weights),
+                   bias=[float(b) for b in bias], complexity_weights_b64=_pack(complexity_weights),
+                   complexity_bias=float(complexity_bias), **info)
+
+    @classmethod
+    def load(cls, path: Path) -> ClassifierHead:
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        weights = _unpack(self.weights_b64).reshape(len(self.categories), self.n_features)
+        return (weights, np.asarray(self.bias, dtype=np.float32), _unpack(self.complexity_weights_b64),
+                self.complexity_bias)
+
+
+def _pack(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode()
+
+
+def _unpack(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float32)
+
+
+class EmbeddingClassifier:
+    def __init__(self, embedder: Embedder, head: ClassifierHead) -> None:
+        self._embedder = embedder
+        self._categories = head.categories
+        self._w, self._b, self._cw, self._cb = head.arrays()
+
+    @classmethod
+    def load(cls, head_path: Path, cache_dir: Path) -> EmbeddingClassifier:
+        from serve_app.embedder import OnnxEmbedder
+
+        return cls(OnnxEmbedder(cache_dir=cache_dir), ClassifierHead.load(head_path))
+
+    def classify_many(self, conversations: Sequence[Conversation]) -> list[Classification]:
+        x = features(self._embedder, conversations)
+        # Row by row: a matrix product rounds differently with the batch's shape, and a result must
+        # not depend on what else was in the batch.
+        logits = np.stack([self._w @ row for row in x]) + self._b
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        complexity = np.clip(np.array([self._cw @ row for row in x]) + self._cb, 0.0, 1.0)
+        results = []
+        for row, c in zip(probs, complexity, strict=True):
+            best = int(row.argmax())
+            scores = {cat: round(float(p), 4) for cat, p in zip(self._categories, row, strict=True)}
+            results.append(Classification(self._categories[best], round(float(row[best]), 4),
+                                          round(float(c), 3), scores))
+        return results
+
+    async def classify(self, conversation: Conversation) -> Classification:
+        """In-process use; the Serve deployment batches ``classify_many`` instead."""
+        [result] = await asyncio.to_thread(self.classify_many, [conversation])
+        return result
+
+
+# ------------------------------------------------------------------------------------------- routing
 
 
 class RoutingPolicy(BaseModel):
+    """``configs/routing.yaml``: classification → model.
+
+    Preference lists (default): the first *available* model of the category's list, falling through
+    to the next. Cost-aware (``cost_aware: true``): among available chat models whose
+    ``quality_tier`` covers the category's tier (one tier more at ``complexity >= complex_from``),
+    the cheapest by ``cost_per_1k_tokens``. Either way, a classification below ``min_confidence`` takes
+    ``default``: abstaining beats a confident-looking guess.
+    """
+
     model_config = ConfigDict(extra="forbid")
     default: str
+    min_confidence: float = Field(0.0, ge=0, le=1)
     categories: dict[str, list[str]] = Field(default_factory=dict)
+    cost_aware: bool = False
+    tiers: dict[str, int] = Field(default_factory=dict)
+    complex_from: float = Field(0.7, ge=0, le=1)
 
     @classmethod
     def load(cls, path: Path) -> RoutingPolicy:
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
 
-    def choose(self, category: str, available: set[str]) -> str:
-        """The first preferred model that is available, else the default."""
-        for model_id in self.categories.get(category, []):
+    def choose(self, result: Classification, candidates: Sequence[Candidate]) -> tuple[str, str]:
+        """(model id, why): ``candidates`` are the available chat models."""
+        available = {c.id: c for c in candidates}
+        if result.confidence < self.min_confidence:
+            return self.default, f"confidence {result.confidence:.2f} below {self.min_confidence:g}: default"
+        if self.cost_aware:
+            tier = self.tiers.get(result.category, 1) + (1 if result.complexity >= self.complex_from else 0)
+            covering = [c for c in candidates if c.quality_tier >= tier]
+            if covering:
+                best = min(covering, key=lambda c: (math.inf if c.cost is None else c.cost, -c.quality_tier))
+                return best.id, f"cheapest with quality tier >= {tier}"
+            return self.default, f"no available model has quality tier >= {tier}: default"
+        for model_id in self.categories.get(result.category, []):
             if model_id in available:
-                return model_id
-        return self.default
+                return model_id, f"first available for {result.category}"
+        return self.default, f"none of {result.category}'s models is available: default"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    quality_tier: int
+    cost: float | None

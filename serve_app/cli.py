@@ -154,6 +154,20 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classifier(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from serve_app.classifier_train import DATA_DIR, OUT_DIR, train, write
+    from serve_app.embedder import OnnxEmbedder
+
+    head, metrics = train(OnnxEmbedder(cache_dir=Settings().cache_dir), Path(args.data or DATA_DIR))
+    write(head, metrics, Path(args.out or OUT_DIR))
+    summary = {part: {k: metrics[part][k] for k in ("n", "accuracy", "macro_f1")}
+               for part in ("validation", "hard_cases") if metrics[part]}
+    _print({"written": str(args.out or OUT_DIR), **summary, "head": metrics["head"]})
+    return 0
+
+
 def _print(payload: Any) -> None:
     print(json.dumps(payload, indent=2, default=str))  # noqa: T201
 
@@ -211,6 +225,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="embed models/providers/routing in the config instead of naming the files "
                              "(KubeRay serveConfigV2, nodes without the files)")
     config.set_defaults(func=_config)
+    classifier = sub.add_parser("classifier", help="the prompt classifier of model \"auto\"")
+    classifier_sub = classifier.add_subparsers(dest="classifier_command", required=True)
+    train = classifier_sub.add_parser("train", help="fit the head on data/classifier")
+    train.add_argument("--data", default=None, metavar="DIR", help="default: data/classifier")
+    train.add_argument("--out", default=None, metavar="DIR", help="default: configs/classifier")
+    classifier.set_defaults(func=_classifier)
     return parser
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -159,7 +160,8 @@ class ModelRegistry:
             found = await discover(declared.models, declared.providers, models_dir=self._models_dir,
                                    timeout_s=self._discovery_timeout_s)
             timer.step("discovery")
-            entries = [await self._assess(spec, origin, nodes) for spec, origin in found.specs]
+            providers = {p.name: p for p in declared.providers}
+            entries = [await self._assess(spec, origin, nodes, providers) for spec, origin in found.specs]
             timer.step("fit")
             states = await self._replicas.apply({e.id: e.spec for e in entries
                                                  if e.spec.is_local and e.status != "unavailable"})
@@ -173,9 +175,15 @@ class ModelRegistry:
             logger.info("registry refreshed: %s", {k: v for k, v in diff.items() if k != "models"})
             return diff
 
-    async def _assess(self, spec: ModelSpec, origin: Origin, nodes: list[NodeInfo]) -> RegistryEntry:
+    async def _assess(self, spec: ModelSpec, origin: Origin, nodes: list[NodeInfo],
+                      providers: Mapping[str, ProviderSpec]) -> RegistryEntry:
         cost = cost_per_1k_tokens(spec, cpu_hour_usd=self._cpu_hour_usd)
         if not spec.is_local:
+            provider = providers.get(str(spec.provider))
+            if provider and provider.api_key_env and not os.environ.get(provider.api_key_env):
+                # Listed but not routable: "auto" must not pick a model that can only answer 502.
+                return RegistryEntry(spec=spec, origin=origin, status="unavailable", cost_per_1k_tokens=cost,
+                                     reason=f"environment variable {provider.api_key_env} is not set")
             return RegistryEntry(spec=spec, origin=origin, status="available", cost_per_1k_tokens=cost)
         try:
             await asyncio.to_thread(resolve_source, str(spec.source))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from serve_app.catalog import Catalog, ModelSpec
-from serve_app.classifier import Classification, RoutingPolicy
+from serve_app.classifier import Candidate, Classification, Conversation, RoutingPolicy
 from serve_app.engines.base import InferenceEngine
 from serve_app.errors import ModelNotFound, ServiceUnavailable
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 class PromptClassifier(Protocol):
-    async def classify(self, text: str) -> Classification: ...
+    async def classify(self, conversation: Conversation) -> Classification: ...
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,15 @@ class Route:
     spec: ModelSpec
     engine: InferenceEngine
     classification: Classification | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``auto`` chose, and why (``POST /v1/classify`` shows it)."""
+
+    classification: Classification
+    model: str
+    reason: str
 
 
 class ModelRouter:
@@ -73,11 +82,11 @@ class ModelRouter:
     def engine_for(self, model_id: str) -> InferenceEngine | None:
         return self._engines.get(model_id)
 
-    async def resolve(self, model: str, prompt_text: str) -> Route:
+    async def resolve(self, model: str, conversation: Conversation) -> Route:
         classification = None
         if model in AUTO_MODELS:
-            classification = await self._classify(prompt_text)
-            model = self._policy.choose(classification.category, self._routable())
+            decision = await self.decide(conversation)
+            classification, model = decision.classification, decision.model
         spec = self.catalog.get(model)
         if spec is None:
             raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
@@ -110,9 +119,22 @@ class ModelRouter:
         except Exception as exc:  # reported by the registry's watch; here only logged
             logger.warning("waking %s failed: %s", model_id, exc)
 
-    async def _classify(self, text: str) -> Classification:
+    async def decide(self, conversation: Conversation) -> Decision:
+        """Classify, then pick among the available chat models by the routing policy."""
         try:
-            return await self._classifier.classify(text)
+            result = await self._classifier.classify(conversation)
         except Exception:  # a broken classifier must not break "auto": take the default route
             logger.warning("classifier failed; routing to the default model", exc_info=True)
-            return Classification("chat", 0.0, 0.0, {})
+            result = Classification("chat", 0.0, 0.0, {})
+        model, reason = self._policy.choose(result, self._candidates())
+        return Decision(result, model, reason)
+
+    def _candidates(self) -> list[Candidate]:
+        candidates = []
+        for model_id in sorted(self._routable()):
+            spec = self.catalog.get(model_id)
+            entry = self._entries.get(model_id)
+            if spec is not None and spec.task == "chat" and not (entry and entry.cold):
+                cost = entry.cost_per_1k_tokens if entry else spec.cost_per_1k_tokens
+                candidates.append(Candidate(model_id, spec.quality_tier, cost))
+        return candidates

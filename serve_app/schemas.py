@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.models import (
     DEFAULT_PRIORITY,
@@ -170,6 +170,20 @@ class ApiKeyUpdate(BaseModel):
             out |= {ours: getattr(limits, theirs) for theirs, ours in fields.items()
                     if theirs in limits.model_fields_set}
         return out
+
+
+class ClassifyRequest(BaseModel):
+    """``POST /v1/classify``: a chat conversation, or one text as ``input``."""
+
+    model_config = ConfigDict(extra="forbid")
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    input: str | None = Field(None, min_length=1, max_length=200_000)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ClassifyRequest:
+        if (self.messages is None) == (self.input is None):
+            raise ValueError("give either 'messages' or 'input'")
+        return self
 
 
 GenerateRequest = ChatCompletionRequest | CompletionRequest

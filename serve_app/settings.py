@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     models_config: Path = REPO_CONFIGS / "models.yaml"
     providers_config: Path = REPO_CONFIGS / "providers.yaml"
     routing_config: Path = REPO_CONFIGS / "routing.yaml"
+    classifier_head: Path = REPO_CONFIGS / "classifier" / "head.json"
+    # Derived files made once per machine (the classifier's ONNX embedding model).
+    cache_dir: Path = Path.home() / ".cache" / "iir"
     # Discovery: GGUF files and Hugging Face folders here become local models on refresh.
     models_dir: Path | None = None
     # How often the Registry reads replica states from Serve: fast while a model loads or is at zero

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 # database_url (SQLite and PostgreSQL), store: for the key-store tests
+from serve_app.classifier import EmbeddingClassifier
 from tests.db_fixtures import database_url, pg_database_url, store  # noqa: F401
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.llama_server import llama_server  # noqa: F401 - session fixture for every test
@@ -25,6 +26,15 @@ def _clean_iir_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("IIR_") and not name.startswith("IIR_TEST_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def prompt_classifier() -> EmbeddingClassifier:
+    """The real classifier (ONNX MiniLM + the committed head), loaded once per session."""
+    from serve_app.settings import Settings
+
+    defaults = Settings()
+    return EmbeddingClassifier.load(defaults.classifier_head, defaults.cache_dir)
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +55,8 @@ def write_configs(folder: Path, upstream_base_url: str, llama_base_url: str | No
         models["default_model"] = "fake/echo-chat"
     models["models"] = [m for m in models["models"] if local and m["id"].startswith("local/")] + [
         {"id": "fake/echo-chat", "engine": "openai", "task": "chat", "source": "echo-1"},
+        {"id": "fake/echo-code", "engine": "openai", "task": "chat", "source": "echo-code",
+         "quality_tier": 2, "cost_per_1k_tokens": 0.002},
         {"id": "fake/echo-embed", "engine": "openai", "task": "embedding", "source": "echo-embed"},
         {"id": "fake/musicgen", "engine": "http", "task": "generic", "endpoint": "generic/echo"},
     ]
@@ -56,6 +68,12 @@ def write_configs(folder: Path, upstream_base_url: str, llama_base_url: str | No
         providers["providers"].append({"name": "llamacpp", "base_url": llama_base_url})
     paths = {"models_config": folder / "models.yaml", "providers_config": folder / "providers.yaml",
              "routing_config": REPO / "configs" / "routing.yaml"}
+    if not local:
+        # "auto" among the fake models: code prompts to echo-code, everything else to echo-chat.
+        paths["routing_config"] = folder / "routing.yaml"
+        routing = yaml.safe_load((REPO / "configs" / "routing.yaml").read_text())
+        routing.update(default="fake/echo-chat", categories={"code": ["fake/echo-code", "fake/echo-chat"]})
+        paths["routing_config"].write_text(yaml.safe_dump(routing))
     paths["models_config"].write_text(yaml.safe_dump(models))
     paths["providers_config"].write_text(yaml.safe_dump(providers))
     return paths

@@ -15,12 +15,19 @@ from serve_app.api import sse
 from serve_app.api.deps import GatewayDep, InferenceKey
 from serve_app.api.metering import Meter, with_stream_usage
 from serve_app.catalog import ModelSpec
+from serve_app.classifier import Conversation
 from serve_app.errors import ModelNotFound
 from serve_app.gateway import Gateway
 from serve_app.infer import run_infer
 from serve_app.keystore import KeyInfo
 from serve_app.router import AUTO_MODELS, Route
-from serve_app.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, InferRequest
+from serve_app.schemas import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    InferRequest,
+)
 
 router = APIRouter()
 
@@ -29,21 +36,22 @@ def _route_headers(route: Route) -> dict[str, str]:
     headers = {"x-iir-model": route.spec.id}
     if route.classification is not None:
         headers["x-iir-category"] = route.classification.category
+        headers["x-iir-confidence"] = f"{route.classification.confidence:.3f}"
     return headers
 
 
-def _prompt_text(body: ChatCompletionRequest | CompletionRequest) -> str:
+def _conversation(body: ChatCompletionRequest | CompletionRequest) -> Conversation:
+    """What the classifier reads: the turns as (role, text); a completion prompt is one user turn."""
     if isinstance(body, CompletionRequest):
-        return "\n".join(body.prompts())
-    users = [m.text() for m in body.messages if m.role == "user"]
-    return users[-1] if users else body.messages[-1].text()
+        return [("user", "\n".join(body.prompts()))]
+    return [(m.role, m.text()) for m in body.messages]
 
 
 async def _generate(request: Request, gateway: GatewayDep, key: KeyInfo,
                     body: ChatCompletionRequest | CompletionRequest) -> Any:
     limit_headers = await gateway.limiter.check(key)
-    prompt = _prompt_text(body) if body.model in AUTO_MODELS else ""
-    route = await gateway.router.resolve(body.model, prompt)
+    conversation = _conversation(body) if body.model in AUTO_MODELS else []
+    route = await gateway.router.resolve(body.model, conversation)
     body = body.model_copy(update={"model": route.spec.id})
     headers = {**_route_headers(route), **limit_headers}
     meter = Meter(gateway, key)
@@ -79,7 +87,7 @@ async def completions(body: CompletionRequest, request: Request, gateway: Gatewa
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, gateway: GatewayDep, key: InferenceKey) -> Response:
     limit_headers = await gateway.limiter.check(key)
-    route = await gateway.router.resolve(body.model, "")
+    route = await gateway.router.resolve(body.model, [])
     result = await route.engine.embed(body.model_copy(update={"model": route.spec.id}))
     Meter(gateway, key).record(result.get("usage"))
     result["model"] = route.spec.id
@@ -108,11 +116,22 @@ def _model_card(gateway: Gateway, spec: ModelSpec) -> dict[str, Any]:
             "cost_per_1k_tokens": entry.cost_per_1k_tokens if entry else spec.cost_per_1k_tokens}
 
 
+@router.post("/v1/classify")
+async def classify(body: ClassifyRequest, gateway: GatewayDep, key: InferenceKey) -> dict[str, Any]:
+    """What ``model: "auto"`` would do with this conversation, without calling a model."""
+    conversation = [("user", body.input)] if body.input is not None else [
+        (m.role, m.text()) for m in body.messages or []]
+    decision = await gateway.router.decide(conversation)
+    result = decision.classification
+    return {"category": result.category, "confidence": result.confidence, "complexity": result.complexity,
+            "model": decision.model, "reason": decision.reason, "scores": result.scores}
+
+
 @router.post("/infer")
 async def infer(body: InferRequest, gateway: GatewayDep, key: InferenceKey) -> Response:
     limit_headers = await gateway.limiter.check(key)
     prompt = body.input.get("prompt") or body.input.get("text") or ""
-    route = await gateway.router.resolve(body.model, str(prompt))
+    route = await gateway.router.resolve(body.model, [("user", str(prompt))])
     result = await run_infer(route, body.input)
     Meter(gateway, key).record(result.get("usage"))  # generic tasks report none: a request, no tokens
     return _json(result, {**_route_headers(route), **limit_headers})

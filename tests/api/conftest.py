@@ -10,7 +10,7 @@ import pytest
 
 from serve_app.api.app import create_app
 from serve_app.auth import AuthService
-from serve_app.classifier import KeywordClassifier
+from serve_app.classifier import EmbeddingClassifier
 from serve_app.gateway import Gateway, build_in_process_gateway
 from serve_app.keystore import KeyStore
 from serve_app.settings import Settings
@@ -22,7 +22,7 @@ TRUSTED = ("127.0.0.1", 4321)
 
 
 @pytest.fixture
-async def gateway(tmp_path: Path, fake_upstream: FakeUpstream,
+async def gateway(tmp_path: Path, fake_upstream: FakeUpstream, prompt_classifier: EmbeddingClassifier,
                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
     monkeypatch.setenv("IIR_TEST_UPSTREAM_KEY", str(fake_upstream.api_key))
     configs = write_configs(tmp_path, fake_upstream.base_url, local=False)
@@ -32,7 +32,7 @@ async def gateway(tmp_path: Path, fake_upstream: FakeUpstream,
     store.create_schema()
     auth = AuthService(store, redis_url=settings.redis_url, redis_timeout_s=settings.redis_timeout_s)
     gw = build_in_process_gateway(settings, verifier=auth, key_admin=auth,
-                                     classifier=KeywordClassifier())
+                                     classifier=prompt_classifier)
     yield gw
     await auth.close()
     store.close()

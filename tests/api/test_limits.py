@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from serve_app.api.app import create_app
 from serve_app.auth import AuthService
-from serve_app.classifier import KeywordClassifier
+from serve_app.classifier import EmbeddingClassifier
 from serve_app.gateway import Gateway, build_in_process_gateway
 from serve_app.keystore import KeyStore
 from serve_app.settings import Settings
@@ -63,7 +63,7 @@ Serve = Callable[..., AbstractAsyncContextManager[Ingress]]
 
 
 @pytest.fixture
-async def serve(tmp_path: Path, fake_upstream: FakeUpstream,
+async def serve(tmp_path: Path, fake_upstream: FakeUpstream, prompt_classifier: EmbeddingClassifier,
                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Serve]:
     """Start an ingress app in-process; its rate-limit counters live under a prefix of this test's own."""
     monkeypatch.setenv("IIR_TEST_UPSTREAM_KEY", str(fake_upstream.api_key))
@@ -80,7 +80,7 @@ async def serve(tmp_path: Path, fake_upstream: FakeUpstream,
         store.create_schema()
         auth = AuthService(store, redis_url=settings.redis_url, redis_timeout_s=settings.redis_timeout_s)
         gateway = build_in_process_gateway(settings, verifier=auth, key_admin=auth,
-                                     classifier=KeywordClassifier())
+                                     classifier=prompt_classifier)
         app = create_app(gateway)
         try:
             async with app.router.lifespan_context(app):

@@ -11,7 +11,7 @@ import pytest
 
 from serve_app.api.app import create_app
 from serve_app.auth import AuthService
-from serve_app.classifier import KeywordClassifier
+from serve_app.classifier import EmbeddingClassifier
 from serve_app.gateway import build_in_process_gateway
 from serve_app.keystore import KeyStore
 from serve_app.settings import Settings
@@ -27,6 +27,7 @@ ASK = {"model": MODEL, "max_tokens": 8, "temperature": 0,
 
 @pytest.fixture
 async def client(tmp_path: Path, fake_upstream: FakeUpstream, llama_server: LlamaServer,
+                 prompt_classifier: EmbeddingClassifier,
                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[httpx.AsyncClient]:
     monkeypatch.setenv("IIR_TEST_UPSTREAM_KEY", str(fake_upstream.api_key))
     configs = write_configs(tmp_path, fake_upstream.base_url, llama_server.base_url, local=False)
@@ -35,7 +36,7 @@ async def client(tmp_path: Path, fake_upstream: FakeUpstream, llama_server: Llam
     store.create_schema()
     auth = AuthService(store, redis_url=None, redis_timeout_s=0.1)
     gateway = build_in_process_gateway(settings, verifier=auth, key_admin=auth,
-                                     classifier=KeywordClassifier())
+                                     classifier=prompt_classifier)
     app = create_app(gateway)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=TRUSTED)
