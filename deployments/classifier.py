@@ -19,6 +19,7 @@ class Classifier:
     def __init__(self, settings: Settings) -> None:
         self._classifier = EmbeddingClassifier.load(settings.classifier_head, settings.cache_dir)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    # A short wait: at c=1 every request pays it; under load the queue fills batches by itself.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
     async def classify(self, conversations: list[Conversation]) -> list[Classification]:
         return await asyncio.to_thread(self._classifier.classify_many, conversations)

@@ -49,6 +49,9 @@ class OnnxEmbedder:
         self._session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
         self._tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         self._tokenizer.enable_truncation(MAX_TOKENS)
+        # tokenizer.json pads every input to 128 tokens: 9x the work for a short prompt (31.8 ms
+        # against 3.5 ms here). One text per run needs no padding at all.
+        self._tokenizer.no_padding()
         self.dimensions = 384
 
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -81,3 +81,22 @@ def test_auto_routes_and_says_where(graph: Graph, admin_headers: dict[str, str])
     assert r.status_code == 200, r.text
     assert r.headers["x-iir-category"] == "code"
     assert r.json()["model"] == r.headers["x-iir-model"]
+
+
+def test_classify_through_the_batched_classifier(graph: Graph, admin_headers: dict[str, str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = {"code": "Why does my bash script say 'permission denied' when I run ./deploy.sh?",
+               "math": "Solve for x: 3x + 7 = 22",
+               "translate": "How do you say 'good morning' in Japanese?"}
+
+    def classify(text: str) -> dict[str, object]:
+        r = requests.post(f"{graph.base_url}/v1/classify", headers=admin_headers, json={"input": text})
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    # Concurrent calls share @serve.batch batches; each still gets its own answer.
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(classify, [p for p in prompts.values() for _ in range(4)]))
+    assert [r["category"] for r in results] == [c for c in prompts for _ in range(4)]
+    assert all(r["model"] == "local/smollm2-135m" for r in results)  # the only chat model there
