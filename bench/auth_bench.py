@@ -272,18 +272,24 @@ async def in_process(database_url: str, first_use: list[BenchKey], direct: list[
 # -- the graph ------------------------------------------------------------------------------------------
 
 
+def write_config_files(folder: Path, models: dict[str, Any], providers: dict[str, Any],
+                       routing: dict[str, Any]) -> dict[str, str]:
+    """models/providers/routing documents as YAML files; their paths by setting name (``models_config``)."""
+    paths = {}
+    docs = {"models_config": models, "providers_config": providers, "routing_config": routing}
+    for name, doc in docs.items():
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+        paths[name] = str(folder / f"{name}.yaml")
+    return paths
+
+
 def write_configs(folder: Path) -> dict[str, str]:
     """One remote model (never called) and no local ones: nothing but the auth path to start or to run."""
     models = {"default_model": "fake/echo-chat",
               "models": [{"id": "fake/echo-chat", "engine": "openai", "task": "chat", "source": "echo-1"}]}
     providers = {"providers": [{"name": "fake", "base_url": "http://127.0.0.1:9/v1"}]}
     routing = {"default": "fake/echo-chat", "categories": {}}
-    paths = {}
-    for name, content in (("models_config", models), ("providers_config", providers),
-                          ("routing_config", routing)):
-        path = folder / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(content))
-        paths[name] = str(path)
+    paths = write_config_files(folder, models, providers, routing)
     from serve_app.catalog import load_catalog
 
     load_catalog(Path(paths["models_config"]), Path(paths["providers_config"]))  # fail before Ray starts

@@ -29,9 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aiohttp  # noqa: E402
 import httpx  # noqa: E402
-import yaml  # noqa: E402
 
-from bench.auth_bench import RAY_ENV, deploy, local_ray  # noqa: E402
+from bench.auth_bench import RAY_ENV, deploy, local_ray, write_config_files  # noqa: E402
 from bench.loadgen import percentile  # noqa: E402
 from tests.support.fake_upstream import FakeUpstream  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
@@ -100,12 +99,7 @@ def write_configs(folder: Path, upstream: FakeUpstream) -> dict[str, str]:
     providers = {"providers": [{"name": "fake", "base_url": upstream.base_url}]}
     routing = {"default": "fake/echo-chat", "min_confidence": 0.4,
                "categories": {"code": ["fake/echo-code"]}}
-    paths = {}
-    docs = {"models_config": models, "providers_config": providers, "routing_config": routing}
-    for name, doc in docs.items():
-        (folder / f"{name}.yaml").write_text(yaml.safe_dump(doc))
-        paths[name] = str(folder / f"{name}.yaml")
-    return paths
+    return write_config_files(folder, models, providers, routing)
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.auth_bench import RAY_ENV, _get, _session, deploy, local_ray  # noqa: E402
+from bench.auth_bench import RAY_ENV, _get, _session, deploy, local_ray, write_config_files  # noqa: E402
 from bench.loadgen import percentile  # noqa: E402
 from serve_app.catalog import resolve_source  # noqa: E402
 from tests.support.fake_upstream import FakeUpstream  # noqa: E402
@@ -54,12 +54,7 @@ def write_configs(folder: Path, upstream: FakeUpstream) -> dict[str, str]:
     ]}
     providers = {"providers": [{"name": "fake", "base_url": upstream.base_url, "discover": False}]}
     routing = {"default": "local/smollm2-135m", "categories": {}}
-    paths = {}
-    docs = {"models_config": models, "providers_config": providers, "routing_config": routing}
-    for name, doc in docs.items():
-        (folder / f"{name}.yaml").write_text(yaml.safe_dump(doc))
-        paths[name] = str(folder / f"{name}.yaml")
-    return paths
+    return write_config_files(folder, models, providers, routing)
 
 
 def stats(values: list[float]) -> str:

@@ -8,7 +8,6 @@ HTTP, as an operator would. Runs before tests/e2e (directory order), so the two 
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import requests
 import yaml
 
 from serve_app.catalog import resolve_source
+from tests.support.env import environ
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.net import free_port, wait_ready
 
@@ -99,31 +99,25 @@ def setup(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
            "IIR_DATABASE_URL": f"sqlite:///{folder / 'iir.db'}", "IIR_MODELS_DIR": str(models_dir),
            "IIR_MODELS_CONFIG": str(folder / "models.yaml"),
            "IIR_PROVIDERS_CONFIG": str(folder / "providers.yaml"), "IIR_REGISTRY_POLL_S": "0.5"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": True})
-    try:
-        gpu_node = cluster.add_node(num_cpus=2, num_gpus=1, resources={"accelerator_type:T4": 1})
-        ray.init(address=cluster.address, log_to_driver=False)
-        from serve_app.builder import build_app
+    with environ(env):  # before the cluster starts: its processes inherit it
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": True})
+        try:
+            gpu_node = cluster.add_node(num_cpus=2, num_gpus=1, resources={"accelerator_type:T4": 1})
+            ray.init(address=cluster.address, log_to_driver=False)
+            from serve_app.builder import build_app
 
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
-        base_url = f"http://127.0.0.1:{port}"
-        wait_ready(base_url, timeout_s=240)
-        key = requests.post(f"{base_url}/api/v1/apikeys", json={"description": "ops"}, timeout=30).json()
-        yield Setup(base_url, {"Authorization": f"Bearer {key['api_key']}"}, models_dir, cluster,
-                    gpu_node.node_id)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
+            base_url = f"http://127.0.0.1:{port}"
+            wait_ready(base_url, timeout_s=240)
+            key = requests.post(f"{base_url}/api/v1/apikeys", json={"description": "ops"}, timeout=30).json()
+            yield Setup(base_url, {"Authorization": f"Bearer {key['api_key']}"}, models_dir, cluster,
+                        gpu_node.node_id)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def test_gpu_model_is_placed_on_the_gpu_node_only(setup: Setup) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import write_configs
+from tests.support.env import environ
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.net import free_port, wait_ready
 
@@ -37,26 +37,20 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "HF_HUB_OFFLINE": "1",
            "IIR_TEST_UPSTREAM_KEY": fake_upstream.api_key, "IIR_DATABASE_URL": database_url,
            **{f"IIR_{k.upper()}": str(v) for k, v in configs.items()}}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     from serve_app.builder import build_app
 
     # address="local": always a fresh cluster of our own, never one some other process left running.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
-        base_url = f"http://localhost:{port}"
-        wait_ready(base_url, timeout_s=240, all_models=True)
-        yield Graph(base_url=base_url, database_url=database_url)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ(env):
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
+            base_url = f"http://localhost:{port}"
+            wait_ready(base_url, timeout_s=240, all_models=True)
+            yield Graph(base_url=base_url, database_url=database_url)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")
