@@ -90,8 +90,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     IIR_HTTP_HOST=0.0.0.0 \
     IIR_MODELS_CONFIG=/app/configs/models.yaml \
     IIR_PROVIDERS_CONFIG=/app/configs/providers.yaml \
-    IIR_ROUTING_CONFIG=/app/configs/routing.yaml
+    IIR_ROUTING_CONFIG=/app/configs/routing.yaml \
+    IIR_CLASSIFIER_HEAD=/app/configs/classifier/head.json \
+    IIR_CACHE_DIR=/opt/iir-cache
 
+# The classifier's int8 ONNX model, exported now rather than at the first start of every container.
+RUN python -c "from pathlib import Path; from serve_app.embedder import ensure_onnx, packaged_model_dir; \
+ensure_onnx(packaged_model_dir(), Path('/opt/iir-cache'))"
 USER 10001:10001
 EXPOSE 8000 8265
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
@@ -124,10 +129,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     IIR_HTTP_HOST=0.0.0.0 \
     IIR_MODELS_CONFIG=/app/configs/models.yaml \
     IIR_PROVIDERS_CONFIG=/app/configs/providers.yaml \
-    IIR_ROUTING_CONFIG=/app/configs/routing.yaml
+    IIR_ROUTING_CONFIG=/app/configs/routing.yaml \
+    IIR_CLASSIFIER_HEAD=/app/configs/classifier/head.json \
+    IIR_CACHE_DIR=/opt/iir-cache
 
 # Non-root, numeric (Kubernetes' runAsNonRoot can only verify a numeric user). Its home holds the SQLite
 # default (~/.iir/iir.db) and Ray's auth token (~/.ray/auth_token).
+# The classifier's int8 ONNX model, exported now rather than at the first start of every container.
+RUN python -c "from pathlib import Path; from serve_app.embedder import ensure_onnx, packaged_model_dir; \
+ensure_onnx(packaged_model_dir(), Path('/opt/iir-cache'))"
 USER 10001:10001
 # 8000: Serve's HTTP proxy (the API). 8265: the Ray dashboard, which `iir serve` alone binds to
 # 127.0.0.1 inside the container; docker-compose.yml starts the head with --dashboard-host=0.0.0.0.
