@@ -39,8 +39,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
-import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -51,6 +49,7 @@ from redis.backoff import NoBackoff
 
 from serve_app.errors import RateLimited
 from serve_app.keystore import KeyInfo
+from serve_app.redis_breaker import RedisBreaker
 
 logger = logging.getLogger(__name__)
 
@@ -131,28 +130,32 @@ class RateLimiter:
         self._timeout_s = timeout_s
         self._prefix = key_prefix
         self._window_ms = round(window_s * 1000)
-        self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
         self._max_pending_keys = max_pending_keys
-        self._available = True
-        self._probe: asyncio.Task[None] | None = None
+        self._breaker = RedisBreaker(
+            redis, timeout_s=timeout_s, logger=logger, backoff_s=backoff_s, max_backoff_s=max_backoff_s,
+            lost_message="rate limits are not enforced: Redis unavailable (%s); requests pass unchecked "
+                         "until it is back",
+            back_message="Redis is back after %.1f s; rate limits are enforced again")
         self._pending: dict[str, int] = {}  # key id -> tokens not yet sent to Redis
         self._sender: asyncio.Task[None] | None = None
         # For the metrics module and tests.
         self.fail_open_total = 0  # requests let through unchecked because Redis was away
-        self.outages = 0
         self.tokens_dropped = 0
 
     @property
     def available(self) -> bool:
-        return self._available
+        return self._breaker.available
+
+    @property
+    def outages(self) -> int:
+        return self._breaker.outages
 
     async def check(self, key: KeyInfo) -> Mapping[str, str]:
         """Count one request for ``key``: its ``x-ratelimit-*`` headers, or RateLimited (429)."""
         rpm, tpm = key.rate_limit_rpm, key.rate_limit_tpm
         if rpm is None and tpm is None:
             return NO_HEADERS
-        if not self._available:
+        if not self._breaker.available:
             self.fail_open_total += 1
             return NO_HEADERS
         try:
@@ -160,7 +163,7 @@ class RateLimiter:
                 reply = await self._check(keys=[self._prefix + key.id],
                                           args=[self._window_ms, _arg(rpm), _arg(tpm)])
         except Exception as exc:  # any failure at all, client-library bugs included: fail open, loudly
-            self._lost(exc)
+            self._breaker.lost(exc)
             self.fail_open_total += 1
             return NO_HEADERS
         return _verdict(reply, rpm, tpm, self._window_ms)
@@ -169,7 +172,7 @@ class RateLimiter:
         """Count tokens a key used; sent to Redis by a background task, never awaited by the caller."""
         if n <= 0:
             return
-        if not self._available or (key_id not in self._pending
+        if not self._breaker.available or (key_id not in self._pending
                                    and len(self._pending) >= self._max_pending_keys):
             self.tokens_dropped += n
             return
@@ -183,18 +186,14 @@ class RateLimiter:
             await asyncio.shield(self._sender)
 
     async def aclose(self) -> None:
-        probe, self._probe = self._probe, None
-        if probe is not None:
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+        await self._breaker.aclose()
         with contextlib.suppress(Exception):
             await self.flush()
         await self._redis.aclose()
         await self._redis.connection_pool.disconnect()
 
     def stats(self) -> dict[str, int]:
-        return {"available": int(self._available), "fail_open_total": self.fail_open_total,
+        return {"available": int(self.available), "fail_open_total": self.fail_open_total,
                 "outages": self.outages, "tokens_dropped": self.tokens_dropped,
                 "tokens_pending_keys": len(self._pending)}
 
@@ -203,7 +202,7 @@ class RateLimiter:
         # and go together in the next one.
         while self._pending:
             batch, self._pending = self._pending, {}
-            if not self._available:
+            if not self._breaker.available:
                 self.tokens_dropped += sum(batch.values())
                 continue
             try:
@@ -215,43 +214,11 @@ class RateLimiter:
                         await pipe.execute()
             except Exception as exc:
                 self.tokens_dropped += sum(batch.values())
-                self._lost(exc)
-
-    def _lost(self, exc: BaseException) -> None:
-        """Redis failed: fail open from now on, and probe in the background until it is back."""
-        if not self._available:
-            return
-        self._available = False
-        self.outages += 1
-        logger.warning("rate limits are not enforced: Redis unavailable (%s); requests pass unchecked "
-                       "until it is back", _describe(exc))
-        self._probe = asyncio.create_task(self._recover(), name="iir-rate-limit-probe")
-
-    async def _recover(self) -> None:
-        started = time.monotonic()
-        delay = self._backoff_s
-        while True:
-            # Jitter: ingress replicas that lost Redis together should not probe it in lockstep.
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            try:
-                async with asyncio.timeout(self._timeout_s):
-                    await self._redis.ping()
-            except Exception:
-                delay = min(delay * 2, self._max_backoff_s)
-                continue
-            self._available = True
-            logger.info("Redis is back after %.1f s; rate limits are enforced again",
-                        time.monotonic() - started)
-            return
+                self._breaker.lost(exc)
 
 
 def _arg(limit: int | None) -> int:
     return -1 if limit is None else limit
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).partition("\n")[0]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _verdict(reply: Sequence[Any], rpm: int | None, tpm: int | None, window_ms: int) -> Mapping[str, str]:
