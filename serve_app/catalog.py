@@ -75,6 +75,8 @@ class ModelSpec(_Strict):
     # How capable the model is, for cost-aware "auto" routing (routing.yaml tiers): 1 small, 2 solid,
     # 3 frontier.
     quality_tier: int = Field(1, ge=1, le=5)
+    # Response cache lifetime for this model's deterministic answers (default IIR_CACHE_TTL_S; 0: off).
+    cache_ttl_s: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:

@@ -19,6 +19,7 @@ from serve_app.rate_limit import RateLimiter, make_redis
 from serve_app.registry import ModelRegistry, RegistrySnapshot
 from serve_app.registry_follower import LocalEngineFactory, RegistryFollower, RegistrySource
 from serve_app.replicas import InProcessReplicas
+from serve_app.response_cache import CacheStats, ResponseCache, make_store
 from serve_app.router import ModelRouter, PromptClassifier
 from serve_app.schemas import ApiKeyCreate
 from serve_app.settings import Settings
@@ -52,6 +53,8 @@ class Gateway:
     revocations: RevocationListener
     limiter: RateLimiter
     usage: UsageRecorder
+    # Made at startup (it may PING Redis); None while starting, or with IIR_CACHE_BACKEND=off.
+    cache: ResponseCache | None = None
     # Started with the app (revocation listener, usage flusher), stopped at shutdown (pooled HTTP
     # clients; the last usage batch is sent before the limiter's Redis pool closes).
     on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -76,11 +79,28 @@ def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAd
                             stale_if_error_s=settings.key_stale_if_error_s)
     revocations = RevocationListener(keys, settings.redis_url)
     limiter, usage = _metering(settings, cast(UsageSink, key_admin))
-    return Gateway(settings=settings, keys=keys, key_admin=key_admin, router=router,
-                   refresh_registry=follower.refresh, registry_snapshot=lambda: follower.snapshot,
-                   revocations=revocations, limiter=limiter, usage=usage,
-                   on_startup=[follower.start, _started(revocations), usage.start],
-                   on_shutdown=[revocations.stop, follower.stop, usage.stop, limiter.aclose])
+    gateway = Gateway(settings=settings, keys=keys, key_admin=key_admin, router=router,
+                      refresh_registry=follower.refresh, registry_snapshot=lambda: follower.snapshot,
+                      revocations=revocations, limiter=limiter, usage=usage,
+                      on_startup=[follower.start, _started(revocations), usage.start],
+                      on_shutdown=[revocations.stop, follower.stop, usage.stop, limiter.aclose])
+
+    async def start_cache() -> None:
+        stats = CacheStats()
+        store = await make_store(settings.redis_url, timeout_s=settings.cache_timeout_s,
+                                 backend=settings.cache_backend, stats=stats)
+        if store is not None:
+            gateway.cache = ResponseCache(store, scope=settings.cache_scope,
+                                          default_ttl_s=settings.cache_ttl_s,
+                                          max_entry_bytes=settings.cache_max_entry_bytes, stats=stats)
+
+    async def stop_cache() -> None:
+        if gateway.cache is not None:
+            await gateway.cache.aclose()
+
+    gateway.on_startup.append(start_cache)
+    gateway.on_shutdown.append(stop_cache)
+    return gateway
 
 
 def build_in_process_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAdmin,

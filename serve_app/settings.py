@@ -6,6 +6,7 @@ Built once by the app builder and handed to every deployment, never read per req
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,6 +62,13 @@ class Settings(BaseSettings):
     # as nodes, so a GPU model is deployed, and Ray launches the node, instead of being "unavailable".
     # JSON, e.g. '[{"num_cpus": 4, "num_gpus": 1, "accelerator_type": "A10G"}]'.
     launchable_nodes: list[NodeShape] = Field(default_factory=list)
+
+    # Response cache (serve_app/response_cache.py). auto: Redis if it answers at start, else in-process.
+    cache_backend: Literal["auto", "redis", "memory", "off"] = "auto"
+    cache_scope: Literal["key", "global"] = "key"  # global shares answers across API keys
+    cache_ttl_s: int = Field(3600, ge=0)
+    cache_timeout_s: float = Field(0.1, gt=0)
+    cache_max_entry_bytes: int = Field(1_000_000, gt=0)
 
     trusted_networks: list[str] = Field(default_factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
     # Peers whose X-Forwarded-For we believe; empty means no header is ever believed.

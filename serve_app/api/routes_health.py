@@ -50,8 +50,10 @@ async def ready(gateway: GatewayDep) -> JSONResponse:
     default_ok = checked.get(default, "ok" if default and not default.startswith("local/") else "missing")
     cache = "ok" if gateway.revocations.subscribed else "degraded: revocations fall back to the TTL"
     ok = database == "ok" and snapshot.version > 0 and default_ok == "ok"
+    response_cache = gateway.cache.store.status() if gateway.cache else "off"
     body = {"status": "ready" if ok else "not_ready", "database": database, "cache": cache,
-            "registry_version": snapshot.version, "default_model": default, "models": states}
+            "response_cache": response_cache, "registry_version": snapshot.version,
+            "default_model": default, "models": states}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

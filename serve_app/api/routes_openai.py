@@ -6,11 +6,13 @@ costly (classifier, model), and records usage after the model answered (``api/me
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from serve_app import response_cache
 from serve_app.api import sse
 from serve_app.api.deps import GatewayDep, InferenceKey
 from serve_app.api.metering import Meter, with_stream_usage
@@ -55,15 +57,44 @@ async def _generate(request: Request, gateway: GatewayDep, key: KeyInfo,
     body = body.model_copy(update={"model": route.spec.id})
     headers = {**_route_headers(route), **limit_headers}
     meter = Meter(gateway, key)
+    cache = gateway.cache
+    lookup = cache.lookup(request.headers, body, route.spec, key.id) if cache else None
+    if cache is not None and lookup is not None:
+        outcome, entry = await cache.get(lookup)
+        headers[response_cache.HEADER] = outcome
+        if entry is not None:
+            meter.record(None)  # a hit: one request, no tokens (no model ran); the body keeps its usage
+            return _from_cache(request, entry, route.spec.id, headers)
+    else:
+        headers[response_cache.HEADER] = "bypass"
     if not body.stream:
         result = await route.engine.generate(body)
         meter.record(result.get("usage"))
         result["model"] = route.spec.id
+        if cache is not None and lookup is not None:
+            cache.put_later(lookup, {"kind": "json", "body": result})
         return _json(result, headers)
     chunks = meter.stream(route.engine.stream(with_stream_usage(body)), strip_usage=not body.include_usage)
+    if cache is not None and lookup is not None:
+        chunks = cache.recording(lookup, chunks)
     first, rest = await sse.first_and_rest(chunks)
     request_id = request.scope.get("state", {}).get("request_id", "-")
     events = sse.event_stream(first, rest, model_id=route.spec.id, request_id=request_id)
+    headers["cache-control"] = "no-cache"
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
+def _from_cache(request: Request, entry: dict[str, Any], model_id: str, headers: dict[str, str]) -> Response:
+    if entry["kind"] == "json":
+        return _json(entry["body"], headers)
+    request_id = request.scope.get("state", {}).get("request_id", "-")
+    chunks = iter(entry["chunks"])
+
+    async def replay() -> AsyncIterator[dict[str, Any]]:
+        for chunk in chunks:
+            yield chunk
+
+    events = sse.event_stream(next(chunks, None), replay(), model_id=model_id, request_id=request_id)
     headers["cache-control"] = "no-cache"
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
