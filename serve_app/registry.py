@@ -120,14 +120,13 @@ class ModelRegistry:
     async def start(self) -> None:
         """Serve the persisted list at once, then discover; a failed first refresh is retried by the
         watch loop rather than keeping the registry (and every ingress) down."""
-        persisted = await self._load_persisted()
-        if persisted:
-            declared = self._source()
-            await self._publish(persisted, declared, nodes=[])
         try:
+            persisted = await self._load_persisted()
+            if persisted:
+                await self._publish(persisted, self._source(), nodes=[])
             await self.refresh()
         except Exception:
-            logger.exception("first registry refresh failed; serving the persisted list")
+            logger.exception("first registry refresh failed; serving the persisted list, retrying")
         self._watcher = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:

@@ -218,3 +218,18 @@ async def test_a_node_shape_the_autoscaler_can_add_counts_for_the_fit(
     assert entry.gpu_memory_gb is not None and entry.gpu_memory_gb < 24  # A10G: 24 GB from the table
     assert "local/a10g-chat" in await replicas.states()  # deployed: Ray would launch the node for it
     await replicas.aclose()
+
+
+async def test_a_broken_catalog_at_start_keeps_the_registry_up_and_is_retried(
+        tmp_path: Path, provider: FakeUpstream) -> None:
+    models, providers = write_catalog(tmp_path, provider.base_url)
+    good = models.read_text()
+    models.write_text("models: [\n")  # not YAML
+    reg = ModelRegistry(lambda: load_catalog(models, providers), InProcessReplicas(), poll_s=0.05,
+                        idle_poll_s=0.05)
+    await reg.start()  # logs the failure, raises nothing
+    assert reg.snapshot().version == 0
+    models.write_text(good)
+    fixed = await reg.wait_for_change(0, 5)  # the watch loop retries the refresh
+    assert [e.id for e in fixed.entries] == ["up/alpha-chat", "up/beta-embed"]
+    await reg.stop()
