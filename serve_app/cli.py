@@ -69,7 +69,8 @@ def _wait_ready(base_url: str, timeout_s: float) -> str:
     while time.monotonic() < deadline:
         try:
             r = httpx.get(f"{base_url}/ready", timeout=5)
-            if r.status_code == 200:
+            # Ready, and no local model still loading: the quick start's first calls all answer.
+            if r.status_code == 200 and "loading" not in r.json()["models"].values():
                 return f"IIR is ready: {r.json()['models']}"
             last = r.text
         except httpx.HTTPError as exc:
