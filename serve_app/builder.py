@@ -60,10 +60,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                                 "ray_actor_options": {"num_cpus": build.service_num_cpus}}
     auth = _deployment(Auth).options(**io_bound).bind(settings)
     classifier = _deployment(Classifier).options(**io_bound).bind(settings)
-    # Each ingress replica keeps one long poll open here.
+    # Each ingress replica keeps one long poll open here. No CPU reserved: it is idle but for refreshes
+    # and status reads, like Serve's own controller, and a reservation here would be taken from the
+    # models (on 2 CPUs, SmolLM2 1 + MiniLM 0.5 + the services fill the node).
     registry = _deployment(Registry).options(
         num_replicas=1, max_ongoing_requests=4096, graceful_shutdown_timeout_s=2,
-        ray_actor_options={"num_cpus": build.service_num_cpus}).bind(settings, declared)
+        ray_actor_options={"num_cpus": 0}).bind(settings, declared)
     return _deployment(Ingress).options(
         num_replicas=build.ingress_replicas, max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": build.ingress_num_cpus},

@@ -90,3 +90,19 @@ def test_cli_names_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[st
     (tmp_path / "models.yaml").write_text("models: []\ndefault_model: local/x\n")
     assert main(["config", "render", "--models-config", str(tmp_path / "models.yaml")]) == 2
     assert "default_model" in capsys.readouterr().err
+
+
+def test_the_default_graph_fits_a_two_cpu_machine() -> None:
+    """`make run` on 2 cores: the services plus the packaged models must fit, or a model waits forever."""
+    from ray.serve import Application
+
+    from serve_app.builder import build_app
+
+    app = build_app({})
+    ingress = app._bound_deployment
+    deployments = [ingress, *(a._bound_deployment for a in ingress.init_args if isinstance(a, Application))]
+    assert {d.name for d in deployments} == {"Ingress", "Auth", "Classifier", "Registry"}
+    services = sum(d.ray_actor_options.get("num_cpus", 1) for d in deployments)
+    models = sum(m.resources.num_cpus * m.autoscaling.max_replicas
+                 for m in load_catalog(MODELS, PROVIDERS).local_models)
+    assert services + models <= 2, (services, models)
