@@ -17,7 +17,7 @@ from serve_app.engines.base import InferenceEngine
 from serve_app.gateway import Gateway, build_gateway
 from serve_app.handles import HandleClient, ReplicaEngine
 from serve_app.registry import RegistryEntry
-from serve_app.serve_replicas import model_app_name
+from serve_app.render import model_app_name
 from serve_app.settings import Settings
 
 

@@ -79,10 +79,6 @@ def deployment_override(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def render_config(args: dict[str, Any] | None = None) -> dict[str, Any]:
-    return base_config(args)
-
-
 def model_applications_comment(catalog: Catalog) -> str:
     lines = ["# Model applications the Registry deploys from this catalog (placement and scaling):"]
     for spec in catalog.local_models:
@@ -112,7 +108,7 @@ def render_from_files(models_config: Path, providers_config: Path | None,
             args["providers"] = yaml.safe_load(providers_config.read_text())
         if routing_config and routing_config.exists():
             args["routing"] = yaml.safe_load(routing_config.read_text())
-    return render_yaml(render_config(args), catalog)
+    return render_yaml(base_config(args), catalog)
 
 
 def model_app_name(spec: ModelSpec) -> str:

@@ -32,9 +32,6 @@ from serve_app.render import model_app_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["APP_PREFIX", "ServeReplicas", "model_app_name"]
-
-
 class ServeReplicas:
     def __init__(self, build: Callable[[ModelSpec], Application]) -> None:
         self._build = build

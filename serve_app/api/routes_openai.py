@@ -78,23 +78,25 @@ async def _generate(request: Request, gateway: GatewayDep, key: KeyInfo,
     if cache is not None and lookup is not None:
         chunks = cache.recording(lookup, chunks)
     first, rest = await sse.first_and_rest(chunks)
-    request_id = request.scope.get("state", {}).get("request_id", "-")
-    events = sse.event_stream(first, rest, model_id=route.spec.id, request_id=request_id)
-    headers["cache-control"] = "no-cache"
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return _sse(request, first, rest, route.spec.id, headers)
 
 
 def _from_cache(request: Request, entry: dict[str, Any], model_id: str, headers: dict[str, str]) -> Response:
     if entry["kind"] == "json":
         return _json(entry["body"], headers)
-    request_id = request.scope.get("state", {}).get("request_id", "-")
     chunks = iter(entry["chunks"])
 
     async def replay() -> AsyncIterator[dict[str, Any]]:
         for chunk in chunks:
             yield chunk
 
-    events = sse.event_stream(next(chunks, None), replay(), model_id=model_id, request_id=request_id)
+    return _sse(request, next(chunks, None), replay(), model_id, headers)
+
+
+def _sse(request: Request, first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]], model_id: str,
+         headers: dict[str, str]) -> Response:
+    request_id = request.scope.get("state", {}).get("request_id", "-")
+    events = sse.event_stream(first, rest, model_id=model_id, request_id=request_id)
     headers["cache-control"] = "no-cache"
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
