@@ -8,12 +8,13 @@ lost Redis together do not probe in lockstep) and closes the breaker when Redis 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 
 from redis.asyncio import Redis
+
+from serve_app.tasks import cancel_and_wait
 
 
 class RedisBreaker:
@@ -40,10 +41,7 @@ class RedisBreaker:
 
     async def aclose(self) -> None:
         probe, self._probe = self._probe, None
-        if probe is not None:
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+        await cancel_and_wait(probe)
 
     async def _recover(self) -> None:
         started = time.monotonic()

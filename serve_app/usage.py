@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from serve_app.errors import InvalidRequest
+from serve_app.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +96,7 @@ class UsageRecorder:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if not await self.flush() and self._pending:
             held = sum(t.requests for t in self._pending.values())
             logger.error("usage of %d keys (%d requests) could not be recorded before shutdown",
