@@ -4,6 +4,8 @@ redis-server, a fake upstream), on the ingress replica's own port.
 1. **Hits**: one deterministic request repeated: p50/p99 at c=1, req/s at c=16.
 2. **Miss overhead**: unique deterministic prompts (lookup + store) against the same prompts with
    ``Cache-Control: no-store`` (no cache work at all): the difference of the p50s.
+   **Semantic**: a paraphrase of a stored answer, repeated (each an exact miss and a semantic hit);
+   unique prompts on a ``semantic_cache`` model (the semantic miss overhead).
 3. **Redis killed under load**: c=8 of cache hits for 6 s; redis-server is killed at 2 s. Failed
    requests (target 0), the worst latency, and how many were answered by ``bypass``.
 
@@ -33,8 +35,8 @@ from tests.support.fake_upstream import FakeUpstream  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
 
-def body(text: str) -> dict[str, Any]:
-    return {"model": "fake/echo-chat", "temperature": 0, "max_tokens": 16,
+def body(text: str, model: str = "fake/echo-chat") -> dict[str, Any]:
+    return {"model": model, "temperature": 0, "max_tokens": 16,
             "messages": [{"role": "user", "content": text}]}
 
 
@@ -107,7 +109,9 @@ def main() -> None:
     os.environ.update(RAY_ENV)
     with tempfile.TemporaryDirectory() as tmp, FakeUpstream() as upstream, redis_server() as redis_url:
         echo = {"id": "fake/echo-chat", "engine": "openai", "task": "chat", "source": "echo-1"}
-        models = {"default_model": "fake/echo-chat", "models": [echo]}
+        faq = {"id": "fake/echo-faq", "engine": "openai", "task": "chat", "source": "echo-faq",
+               "semantic_cache": True}
+        models = {"default_model": "fake/echo-chat", "models": [echo, faq]}
         providers = {"providers": [{"name": "fake", "base_url": upstream.base_url}]}
         paths = write_config_files(Path(tmp), models, providers, {"default": "fake/echo-chat"})
         env = {f"IIR_{k.upper()}": v for k, v in paths.items()}
@@ -132,6 +136,21 @@ def main() -> None:
             print(line(f"cache off (no-store) {o_off}", off), flush=True)
             print(line(f"misses (lookup + store) {o_miss}", miss), flush=True)
             print(f"miss overhead at p50: {percentile(miss, 0.5) - percentile(off, 0.5):+.2f} ms", flush=True)
+
+            # Semantic: a paraphrase is never stored under its own key, so each repeat is an exact miss
+            # answered by the SemanticCache deployment (embed + FAISS search + Redis read).
+            asyncio.run(run(url, headers, [body("How do I reverse a list in Python?", "fake/echo-faq")], 1))
+            time.sleep(0.5)
+            paraphrase = body("how can i reverse a python list", "fake/echo-faq")
+            lat, _, outcomes, _ = asyncio.run(run(url, headers, [paraphrase] * args.requests, 1))
+            print(line(f"semantic hits, c=1 {outcomes}", lat), flush=True)
+            lat, rps, outcomes, _ = asyncio.run(run(url, headers, [paraphrase] * args.requests * 2, 16))
+            print(line(f"semantic hits, c=16 ({rps:.0f} req/s) {outcomes}", lat), flush=True)
+            unique = [body(f"q {uuid.uuid4().hex}", "fake/echo-faq") for _ in range(args.requests)]
+            sem_miss, _, o_sem, _ = asyncio.run(run(url, headers, unique, 1))
+            print(line(f"semantic misses (both lookups, store + index) {o_sem}", sem_miss), flush=True)
+            print(f"semantic miss overhead over an exact-only miss at p50: "
+                  f"{percentile(sem_miss, 0.5) - percentile(miss, 0.5):+.2f} ms", flush=True)
 
             async def kill_midway() -> tuple[list[float], dict[str, int], int]:
                 load = asyncio.create_task(for_duration(url, headers, same, 8, 6.0))

@@ -1,6 +1,7 @@
 """``Ingress``: the HTTP entry point. Serves the FastAPI app from ``serve_app.api.app.create_app``.
 
-Hot path: key from the local cache (``Auth`` only on a miss), ``Classifier`` only for ``auto``, then
+Hot path: key from the local cache (``Auth`` only on a miss), ``Classifier`` only for ``auto``,
+``SemanticCache`` only on an exact-cache miss of a request that opted in, then
 one hop to a ``ModelReplica`` — or none for a remote model, called from this process. Which models
 exist, and where their replicas live, comes from the ``Registry``'s snapshot, followed by long poll.
 """
@@ -25,13 +26,15 @@ from serve_app.settings import Settings
 @serve.ingress()
 class Ingress:
     def __init__(self, settings: Settings, auth: DeploymentHandle, classifier: DeploymentHandle,
-                 registry: DeploymentHandle, policy: RoutingPolicy | None = None) -> None:
+                 registry: DeploymentHandle, semantic_cache: DeploymentHandle,
+                 policy: RoutingPolicy | None = None) -> None:
         auth_client = HandleClient(auth)
         self._gateway: Gateway = build_gateway(
             settings, verifier=auth_client, key_admin=auth_client,  # type: ignore[arg-type]
             classifier=HandleClient(classifier),  # type: ignore[arg-type]
             registry=HandleClient(registry),  # type: ignore[arg-type]
             local_engine=_model_handle, policy=policy,
+            semantic=HandleClient(semantic_cache),  # type: ignore[arg-type]
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -3,6 +3,7 @@
     application "iir" (serve deploy):
       Ingress ──(key-cache miss)──▶ Auth
               ──(model: "auto")───▶ Classifier
+              ──(opted-in miss)───▶ SemanticCache
               ──(long poll)───────▶ Registry ──creates, updates, drains──▶ applications "iir-model-<m>"
               ──(local model)─────▶ ModelReplica in "iir-model-<m>"   (handle from the registry snapshot)
               ──(remote model)────▶ provider over pooled HTTP, from the ingress process
@@ -24,6 +25,7 @@ from deployments.classifier import Classifier
 from deployments.ingress import Ingress
 from deployments.model_replica import ModelReplica
 from deployments.registry import Registry
+from deployments.semantic_cache import SemanticCache
 from serve_app.catalog import CatalogSourceArgs, ModelSpec
 from serve_app.classifier import RoutingPolicy
 from serve_app.render import deployment_override
@@ -66,10 +68,14 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     registry = _deployment(Registry).options(
         num_replicas=1, max_ongoing_requests=4096, graceful_shutdown_timeout_s=2,
         ray_actor_options={"num_cpus": 0}).bind(settings, declared)
+    # One replica (the index is its memory). No CPU reserved, for the same reason as the Registry: it
+    # embeds only for requests that opted in; give it CPUs in serve_config.yaml where they do.
+    semantic_cache = _deployment(SemanticCache).options(
+        num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}).bind(settings)
     return _deployment(Ingress).options(
         num_replicas=build.ingress_replicas, max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": build.ingress_num_cpus},
-    ).bind(settings, auth, classifier, registry, policy)
+    ).bind(settings, auth, classifier, registry, semantic_cache, policy)
 
 
 def build_model_app(spec: ModelSpec) -> Application:

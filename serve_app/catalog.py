@@ -77,6 +77,9 @@ class ModelSpec(_Strict):
     quality_tier: int = Field(1, ge=1, le=5)
     # Response cache lifetime for this model's deterministic answers (default IIR_CACHE_TTL_S; 0: off).
     cache_ttl_s: int | None = Field(None, ge=0)
+    # Also answer paraphrases of cached requests (serve_app/semantic_cache.py); a request can opt in
+    # or out with x-iir-semantic-cache: on | off.
+    semantic_cache: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:

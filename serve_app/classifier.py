@@ -155,7 +155,7 @@ def _unpack(text: str) -> np.ndarray:
 
 class EmbeddingClassifier:
     def __init__(self, embedder: Embedder, head: ClassifierHead) -> None:
-        self._embedder = embedder
+        self.embedder = embedder
         self._categories = head.categories
         self._w, self._b, self._cw, self._cb = head.arrays()
 
@@ -166,7 +166,7 @@ class EmbeddingClassifier:
         return cls(OnnxEmbedder(cache_dir=cache_dir), ClassifierHead.load(head_path))
 
     def classify_many(self, conversations: Sequence[Conversation]) -> list[Classification]:
-        x = features(self._embedder, conversations)
+        x = features(self.embedder, conversations)
         # Row by row: a matrix product rounds differently with the batch's shape, and a result must
         # not depend on what else was in the batch.
         logits = np.stack([self._w @ row for row in x]) + self._b

@@ -29,10 +29,12 @@ class IIRError(Exception):
     code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        # A finer label for metrics and logs (say, why a key was refused); never sent to the caller.
+        self.reason = reason or code or self.code
         if code is not None:
             self.code = code
         self.headers = headers or {}

@@ -22,6 +22,7 @@ from serve_app.replicas import InProcessReplicas
 from serve_app.response_cache import CacheStats, ResponseCache, make_store
 from serve_app.router import ModelRouter, PromptClassifier
 from serve_app.schemas import ApiKeyCreate
+from serve_app.semantic_cache import SemanticLookup
 from serve_app.settings import Settings
 from serve_app.usage import UsageRecorder, UsageSink
 
@@ -63,7 +64,8 @@ class Gateway:
 
 def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAdmin,
                   classifier: PromptClassifier, registry: RegistrySource,
-                  local_engine: LocalEngineFactory, policy: RoutingPolicy | None = None) -> Gateway:
+                  local_engine: LocalEngineFactory, policy: RoutingPolicy | None = None,
+                  semantic: SemanticLookup | None = None) -> Gateway:
     """Wire the ingress's collaborators; shared by the Ray ``Ingress`` and in-process tests.
 
     The router starts empty and fills from the registry's first snapshot at startup.
@@ -92,7 +94,9 @@ def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAd
         if store is not None:
             gateway.cache = ResponseCache(store, scope=settings.cache_scope,
                                           default_ttl_s=settings.cache_ttl_s,
-                                          max_entry_bytes=settings.cache_max_entry_bytes, stats=stats)
+                                          max_entry_bytes=settings.cache_max_entry_bytes, stats=stats,
+                                          semantic=semantic,
+                                          semantic_timeout_s=settings.semantic_cache_timeout_s)
 
     async def stop_cache() -> None:
         if gateway.cache is not None:
@@ -104,7 +108,7 @@ def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAd
 
 
 def build_in_process_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAdmin,
-                             classifier: PromptClassifier) -> Gateway:
+                             classifier: PromptClassifier, semantic: SemanticLookup | None = None) -> Gateway:
     """The whole gateway without Ray: the registry lives here and local models load in this process."""
     replicas = InProcessReplicas()
     registry = ModelRegistry(lambda: load_catalog(settings.models_config, settings.providers_config),
@@ -113,7 +117,8 @@ def build_in_process_gateway(settings: Settings, *, verifier: KeyVerifier, key_a
                              cpu_hour_usd=settings.cpu_hour_usd,
                              launchable=launchable_nodes(settings.launchable_nodes))
     gateway = build_gateway(settings, verifier=verifier, key_admin=key_admin, classifier=classifier,
-                            registry=registry, local_engine=lambda entry: replicas.engine(entry.id))
+                            registry=registry, local_engine=lambda entry: replicas.engine(entry.id),
+                            semantic=semantic)
     gateway.on_startup.insert(0, registry.start)
     gateway.on_shutdown.extend([registry.stop, replicas.aclose])
     return gateway

@@ -31,6 +31,7 @@ from redis.backoff import NoBackoff
 from serve_app.auth import REVOKED_CHANNEL
 from serve_app.errors import AuthenticationFailed, IIRError, ServiceUnavailable
 from serve_app.keystore import MAX_KEY_CHARS, KeyInfo, hash_key
+from serve_app.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,12 @@ class _Entry:
 def bearer_token(authorization: str | None) -> str:
     """The key from an ``Authorization`` header, or AuthenticationFailed saying what is wrong."""
     if authorization is None or not authorization.strip():
-        raise AuthenticationFailed(MISSING_KEY)
+        raise AuthenticationFailed(MISSING_KEY, reason="missing_key")
     scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
     well_formed = 0 < len(token) <= MAX_KEY_CHARS and not any(c.isspace() for c in token)
     if scheme.lower() != "bearer" or not well_formed:
-        raise AuthenticationFailed(MALFORMED_HEADER)
+        raise AuthenticationFailed(MALFORMED_HEADER, reason="malformed_header")
     return token
 
 
@@ -102,7 +103,7 @@ class VerifiedKeyCache:
             self._hits.move_to_end(key_hash)
             return entry.info
         if entry is None and self._known_miss(key_hash, now):
-            raise AuthenticationFailed(INVALID_KEY)
+            raise AuthenticationFailed(INVALID_KEY, reason="invalid_key")
         try:
             info = await self._verify_once(api_key, key_hash)
         except ServiceUnavailable:
@@ -110,7 +111,7 @@ class VerifiedKeyCache:
                 return entry.info
             raise
         if info is None:
-            raise AuthenticationFailed(INVALID_KEY)
+            raise AuthenticationFailed(INVALID_KEY, reason="invalid_key")
         return info
 
     def invalidate(self, key_hash: str) -> None:
@@ -231,16 +232,7 @@ class RevocationListener:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is None:
-            return
-        # Cancel until it ends: redis-py 8 swallows a cancellation that lands in its connect handshake
-        # (the maintenance-notifications probe), and a single cancel() then left the task subscribed
-        # forever, hanging the app's shutdown.
-        while not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.05)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     async def wait_subscribed(self, timeout_s: float) -> bool:
         try:

@@ -47,6 +47,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from serve_app import metrics
 from serve_app.errors import RateLimited
 from serve_app.keystore import KeyInfo
 from serve_app.redis_breaker import RedisBreaker
@@ -157,6 +158,7 @@ class RateLimiter:
             return NO_HEADERS
         if not self._breaker.available:
             self.fail_open_total += 1
+            metrics.REDIS_FAIL_OPEN.inc(component="rate_limit")
             return NO_HEADERS
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -165,6 +167,7 @@ class RateLimiter:
         except Exception as exc:  # any failure at all, client-library bugs included: fail open, loudly
             self._breaker.lost(exc)
             self.fail_open_total += 1
+            metrics.REDIS_FAIL_OPEN.inc(component="rate_limit")
             return NO_HEADERS
         return _verdict(reply, rpm, tpm, self._window_ms)
 
@@ -242,7 +245,7 @@ def _verdict(reply: Sequence[Any], rpm: int | None, tpm: int | None, window_ms: 
     raise RateLimited(
         f"Rate limit reached for {kind} per minute ({unit}) on this API key: Limit {limit}, "
         f"Used {math.ceil(used)}, Requested 1. Please try again in {duration(wait_ms)}.",
-        headers=headers,
+        headers=headers, reason=kind,
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
+from serve_app import metrics
 from serve_app.catalog import Catalog, ModelSpec, ProviderSpec, resolve_source
 from serve_app.cost import CPU_HOUR_USD, cost_per_1k_tokens
 from serve_app.discovery import Origin, discover
@@ -201,6 +202,7 @@ class ModelRegistry:
         """Follow replica states; a status change is a new snapshot version for the ingresses."""
         while True:
             await asyncio.sleep(self._poll_s if self._settling() else self._idle_poll_s)
+            self._report_status()
             try:
                 if not self._snapshot.refreshed_at:
                     await self.refresh()
@@ -215,6 +217,12 @@ class ModelRegistry:
                 raise
             except Exception:
                 logger.warning("registry watch failed; retrying", exc_info=True)
+
+    def _report_status(self) -> None:
+        # Also on every watch tick, so a metric lost while Ray's agent was starting comes back.
+        entries = self._snapshot.entries
+        for status in ("available", "loading", "unavailable"):
+            metrics.REGISTRY_MODELS.set(sum(e.status == status for e in entries), status=status)
 
     def _settling(self) -> bool:
         """Poll fast while a model loads or sits at zero replicas (a request may be waking it)."""
@@ -235,6 +243,7 @@ class ModelRegistry:
         async with self._changed:
             self._snapshot = snapshot
             self._changed.notify_all()
+        self._report_status()
         await self._persist(snapshot.entries)
         return snapshot
 

@@ -44,6 +44,8 @@ def base_config(args: dict[str, Any] | None = None) -> dict[str, Any]:
             "import_path": "serve_app.builder:build_app",
             "args": dict(args or {}),
             "runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}},
+            # Serve's replica logs (ours included) as JSON lines with Serve's request id and replica.
+            "logging_config": {"encoding": "JSON"},
         }],
     }
 

@@ -35,13 +35,17 @@ from typing import Any, Literal, Protocol
 
 from redis.asyncio import Redis
 
+from serve_app import metrics
 from serve_app.catalog import ModelSpec
-from serve_app.redis_breaker import RedisBreaker
+from serve_app.redis_breaker import RedisBreaker, describe
 from serve_app.schemas import GenerateRequest
+from serve_app.semantic_cache import Probe, SemanticLookup, SemanticQuery, semantic_query
 
 logger = logging.getLogger(__name__)
 
 HEADER = "x-iir-cache"
+MATCH_HEADER = "x-iir-cache-match"  # on a hit: exact | semantic
+SIMILARITY_HEADER = "x-iir-cache-similarity"  # on a semantic hit: the cosine similarity
 Outcome = Literal["hit", "miss", "bypass"]
 
 
@@ -62,6 +66,16 @@ class Lookup:
     read: bool
     ttl_s: int
     why: str
+    semantic: SemanticQuery | None = None  # set when a paraphrase may answer it too
+
+
+@dataclass(frozen=True)
+class Found:
+    outcome: Outcome
+    entry: dict[str, Any] | None = None
+    match: Literal["exact", "semantic"] | None = None
+    similarity: float | None = None
+    probe: Probe | None = None  # a semantic miss: what ``put_later`` adds to the index
 
 
 @dataclass
@@ -71,12 +85,17 @@ class CacheStats:
     bypasses: int = 0
     errors: int = 0  # Redis failures and timeouts (requests then go on without the cache)
     stored: int = 0
+    semantic_hits: int = 0  # also counted in hits
+    semantic_errors: int = 0
 
 
 class ResponseCache:
     def __init__(self, store: ResponseStore, *, scope: Literal["key", "global"], default_ttl_s: int,
-                 max_entry_bytes: int, stats: CacheStats | None = None, prefix: str = "iir:rc:") -> None:
+                 max_entry_bytes: int, stats: CacheStats | None = None, prefix: str = "iir:rc:",
+                 semantic: SemanticLookup | None = None, semantic_timeout_s: float = 0.25) -> None:
         self.store = store
+        self._semantic = semantic
+        self._semantic_timeout_s = semantic_timeout_s
         self._scope = scope
         self._default_ttl_s = default_ttl_s
         self._max_entry_bytes = max_entry_bytes
@@ -100,49 +119,83 @@ class ResponseCache:
         document = {"ns": namespace, "model": spec.id, "kind": type(body).__name__, "body": payload}
         canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         key = self._prefix + hashlib.sha256(canonical.encode()).hexdigest()
-        return Lookup(key, "no-cache" not in control, ttl, "cacheable")
+        similar = semantic_query(headers, body, spec, namespace) if self._semantic is not None else None
+        return Lookup(key, "no-cache" not in control, ttl, "cacheable", similar)
 
-    async def get(self, lookup: Lookup) -> tuple[Outcome, dict[str, Any] | None]:
-        """(what happened, the stored entry on a hit); counted in ``stats``."""
+    async def get(self, lookup: Lookup) -> Found:
+        """What happened, and the stored entry on a hit; counted in ``stats``."""
         if lookup.key is None or not lookup.read or not self.store.available:
             self.stats.bypasses += 1
-            return "bypass", None
+            return Found("bypass")
         raw = await self.store.get(lookup.key)
         entry = _decode(raw) if raw is not None else None
-        if entry is None:
-            # A Redis failure during this very lookup is a bypass too: nothing was looked at.
-            outcome: Outcome = "miss" if self.store.available else "bypass"
-            if outcome == "miss":
-                self.stats.misses += 1
-            else:
-                self.stats.bypasses += 1
-            return outcome, None
-        self.stats.hits += 1
-        return "hit", entry
+        if entry is not None:
+            self.stats.hits += 1
+            return Found("hit", entry, "exact")
+        if not self.store.available:
+            # A Redis failure during this very lookup is a bypass: nothing was looked at.
+            self.stats.bypasses += 1
+            return Found("bypass")
+        found = await self._get_similar(lookup)
+        if found.entry is not None:
+            self.stats.hits += 1
+            self.stats.semantic_hits += 1
+        else:
+            self.stats.misses += 1
+        return found
 
-    def put_later(self, lookup: Lookup, entry: dict[str, Any]) -> None:
-        """Store off the response path; an entry larger than ``IIR_CACHE_MAX_ENTRY_BYTES`` is skipped."""
+    async def _get_similar(self, lookup: Lookup) -> Found:
+        if lookup.semantic is None or self._semantic is None:
+            return Found("miss")
+        try:
+            async with asyncio.timeout(self._semantic_timeout_s):
+                probe = await self._semantic.lookup(lookup.semantic.scope, lookup.semantic.text)
+        except Exception as exc:  # fail open, like Redis: a slow or broken index only costs the hit
+            self.stats.semantic_errors += 1
+            metrics.CACHE_ERRORS.inc(backend="semantic")
+            logger.warning("semantic cache lookup failed (%s); answering without it", describe(exc))
+            return Found("miss")
+        if probe.key is not None:
+            raw = await self.store.get(probe.key)
+            entry = _decode(raw) if raw is not None else None
+            if entry is not None:
+                return Found("hit", entry, "semantic", probe.similarity)
+        return Found("miss", probe=probe)
+
+    def put_later(self, lookup: Lookup, entry: dict[str, Any], probe: Probe | None = None) -> None:
+        """Store off the response path; an entry larger than ``IIR_CACHE_MAX_ENTRY_BYTES`` is skipped.
+
+        With the semantic lookup's ``probe``, the stored entry is then added to the semantic index.
+        """
         if lookup.key is None:
             return
         raw = json.dumps(entry, separators=(",", ":")).encode()
         if len(raw) > self._max_entry_bytes:
             return
-        task = asyncio.create_task(self._store(lookup.key, raw, lookup.ttl_s))
+        task = asyncio.create_task(self._store(lookup, raw, probe))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _store(self, key: str, raw: bytes, ttl_s: int) -> None:
-        await self.store.set(key, raw, ttl_s)
+    async def _store(self, lookup: Lookup, raw: bytes, probe: Probe | None) -> None:
+        assert lookup.key is not None
+        await self.store.set(lookup.key, raw, lookup.ttl_s)
         self.stats.stored += 1
+        if probe is not None and lookup.semantic is not None and self._semantic is not None:
+            try:
+                await self._semantic.add(lookup.semantic.scope, probe, lookup.key, lookup.ttl_s)
+            except Exception as exc:
+                self.stats.semantic_errors += 1
+                metrics.CACHE_ERRORS.inc(backend="semantic")
+                logger.warning("semantic cache: adding an entry failed (%s)", describe(exc))
 
-    async def recording(self, lookup: Lookup, chunks: AsyncIterator[dict[str, Any]]
+    async def recording(self, lookup: Lookup, chunks: AsyncIterator[dict[str, Any]], probe: Probe | None
                         ) -> AsyncIterator[dict[str, Any]]:
         """Pass a stream through; store its chunks only if it ran to its end."""
         seen: list[dict[str, Any]] = []
         async for chunk in chunks:
             seen.append(dict(chunk))
             yield chunk
-        self.put_later(lookup, {"kind": "stream", "chunks": seen})
+        self.put_later(lookup, {"kind": "stream", "chunks": seen}, probe)
 
     async def flush(self) -> None:
         """Wait for pending writes (tests and shutdown)."""
@@ -184,6 +237,7 @@ class RedisResponseStore:
                 return value.encode() if isinstance(value, str) else value
         except Exception as exc:  # fail open: a cache must never fail a request
             self.stats.errors += 1
+            metrics.CACHE_ERRORS.inc(backend="redis")
             self._breaker.lost(exc)
             return None
 
@@ -195,6 +249,7 @@ class RedisResponseStore:
                 await self._redis.set(key, value, ex=ttl_s)
         except Exception as exc:
             self.stats.errors += 1
+            metrics.CACHE_ERRORS.inc(backend="redis")
             self._breaker.lost(exc)
 
     @property

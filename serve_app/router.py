@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from serve_app import metrics
 from serve_app.catalog import Catalog, ModelSpec
 from serve_app.classifier import Candidate, Classification, Conversation, RoutingPolicy
 from serve_app.engines.base import InferenceEngine
@@ -121,12 +123,15 @@ class ModelRouter:
 
     async def decide(self, conversation: Conversation) -> Decision:
         """Classify, then pick among the available chat models by the routing policy."""
+        started = time.perf_counter()
         try:
             result = await self._classifier.classify(conversation)
         except Exception:  # a broken classifier must not break "auto": take the default route
             logger.warning("classifier failed; routing to the default model", exc_info=True)
             result = Classification("chat", 0.0, 0.0, {})
+        metrics.CLASSIFIER_LATENCY.observe(time.perf_counter() - started)
         model, reason = self._policy.choose(result, self._candidates())
+        metrics.CLASSIFIER_DECISIONS.inc(category=result.category, model=model)
         return Decision(result, model, reason)
 
     def _candidates(self) -> list[Candidate]:

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(3600, ge=0)
     cache_timeout_s: float = Field(0.1, gt=0)
     cache_max_entry_bytes: int = Field(1_000_000, gt=0)
+    # Semantic cache (serve_app/semantic_cache.py), opt-in per model or request. The threshold was
+    # chosen on data/semantic_cache/pairs.jsonl (bench/semantic_cache_bench.py).
+    semantic_cache_threshold: float = Field(0.87, gt=0, le=1)
+    semantic_cache_max_entries: int = Field(100_000, gt=0)
+    semantic_cache_timeout_s: float = Field(0.25, gt=0)
 
     trusted_networks: list[str] = Field(default_factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
     # Peers whose X-Forwarded-For we believe; empty means no header is ever believed.

@@ -58,6 +58,8 @@ def write_configs(folder: Path, upstream_base_url: str, llama_base_url: str | No
         {"id": "fake/echo-code", "engine": "openai", "task": "chat", "source": "echo-code",
          "quality_tier": 2, "cost_per_1k_tokens": 0.002},
         {"id": "fake/echo-embed", "engine": "openai", "task": "embedding", "source": "echo-embed"},
+        {"id": "fake/echo-faq", "engine": "openai", "task": "chat", "source": "echo-faq",
+         "semantic_cache": True},
         {"id": "fake/musicgen", "engine": "http", "task": "generic", "endpoint": "generic/echo"},
     ]
     providers = {"providers": [{"name": "fake", "base_url": upstream_base_url,

@@ -50,11 +50,11 @@ def test_committed_head_reproduces_its_committed_metrics(prompt_classifier: Embe
     from serve_app.classifier import ClassifierHead
 
     head = ClassifierHead.load(OUT_DIR / "head.json")
-    got = evaluate(prompt_classifier._embedder, head, validation)  # noqa: SLF001 - the same embedder
+    got = evaluate(prompt_classifier.embedder, head, validation)
     assert got["accuracy"] == metrics["validation"]["accuracy"]
     assert got["macro_f1"] == metrics["validation"]["macro_f1"]
     assert got["confusion"] == metrics["validation"]["confusion"]
-    assert evaluate(prompt_classifier._embedder, head, hard)["accuracy"] == metrics["hard_cases"]["accuracy"]  # noqa: SLF001
+    assert evaluate(prompt_classifier.embedder, head, hard)["accuracy"] == metrics["hard_cases"]["accuracy"]
     assert metrics["counts"]["validation"] == len(validation)
 
 

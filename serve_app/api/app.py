@@ -13,7 +13,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.api import routes_admin, routes_health, routes_openai
-from serve_app.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from serve_app.api.middleware import (
+    AccessLogMiddleware,
+    BodySizeLimitMiddleware,
+    RequestIdMiddleware,
+    annotate,
+)
 from serve_app.errors import IIRError, InvalidRequest, MethodNotAllowed, NotFound
 from serve_app.gateway import Gateway
 
@@ -39,6 +44,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=gateway.settings.max_request_bytes)
+    app.add_middleware(AccessLogMiddleware)  # inside RequestId (it logs the id), outside the size limit
     app.add_middleware(RequestIdMiddleware)
     return app
 
@@ -47,7 +53,8 @@ def _render(exc: IIRError) -> JSONResponse:
     return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers)
 
 
-async def _iir_error(_: Request, exc: IIRError) -> JSONResponse:
+async def _iir_error(request: Request, exc: IIRError) -> JSONResponse:
+    annotate(request.scope, error=exc.reason)
     return _render(exc)
 
 

@@ -1,6 +1,6 @@
 """Usage on the request path: what a route records after its model call.
 
-    meter = Meter(gateway, key)
+    meter = Meter(gateway, key, model_id)
     meter.record(result.get("usage"))                         # a JSON answer
     meter.stream(engine.stream(with_stream_usage(body)),      # a stream: usage from its last chunk
                  strip_usage=not body.include_usage)
@@ -21,16 +21,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from serve_app import metrics
 from serve_app.gateway import Gateway
 from serve_app.keystore import KeyInfo
 from serve_app.schemas import GenerateRequest, StreamOptions
 
 
 class Meter:
-    __slots__ = ("_key_id", "_limiter", "_usage")
+    __slots__ = ("_key_id", "_limiter", "_model", "_usage")
 
-    def __init__(self, gateway: Gateway, key: KeyInfo) -> None:
+    def __init__(self, gateway: Gateway, key: KeyInfo, model: str) -> None:
         self._key_id = key.id
+        self._model = model
         self._usage = gateway.usage
         # Only a key with a tokens/minute limit needs its tokens counted in Redis.
         self._limiter = gateway.limiter if key.rate_limit_tpm is not None else None
@@ -38,6 +40,8 @@ class Meter:
     def record(self, usage: Any) -> None:
         prompt, completion = token_counts(usage)
         self._usage.record(self._key_id, prompt_tokens=prompt, completion_tokens=completion)
+        metrics.TOKENS.inc(prompt, model=self._model, direction="in")
+        metrics.TOKENS.inc(completion, model=self._model, direction="out")
         if self._limiter is not None:
             self._limiter.add_tokens(self._key_id, prompt + completion)
 

@@ -1,14 +1,19 @@
-"""Plain ASGI middleware: request ids and the request size limit (before any body is parsed)."""
+"""Plain ASGI middleware: request ids, the access log and traffic metrics, and the request size limit
+(before any body is parsed)."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app import metrics
 from serve_app.errors import PayloadTooLarge
+from serve_app.logs import access_log
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -74,3 +79,83 @@ async def _reject(send: Send, limit: int) -> None:
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+def annotate(scope: Scope, **fields: Any) -> None:
+    """What a handler learned about the request (key id, model, cache result, ...), for its log line."""
+    scope.setdefault("state", {}).setdefault("iir", {}).update(fields)
+
+
+class AccessLogMiddleware:
+    """One JSON log line and the traffic metrics per request, after its last byte.
+
+    Time to first token is the time to the first body bytes of an event stream: the first SSE event
+    leaves only once the model produced its first chunk.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        streaming = False
+        first_body: float | None = None
+
+        async def timed_send(message: Message) -> None:
+            nonlocal status, streaming, first_body
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                streaming = any(k == b"content-type" and v.startswith(b"text/event-stream")
+                                for k, v in message.get("headers", []))
+            elif message["type"] == "http.response.body" and first_body is None and message.get("body"):
+                first_body = time.perf_counter()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            ended = time.perf_counter()
+            ttft = first_body - started if streaming and first_body is not None else None
+            _finish(scope, status, ended - started, ttft)
+
+
+_in_flight: dict[str, int] = {}
+
+
+def count_in_flight(scope: Scope, priority: int) -> None:
+    """A model request begins; ``AccessLogMiddleware`` ends it."""
+    label = str(priority)
+    _in_flight[label] = _in_flight.get(label, 0) + 1
+    metrics.IN_FLIGHT.set(_in_flight[label], priority=label)
+    annotate(scope, in_flight=label)
+
+
+def _finish(scope: Scope, status: int, latency_s: float, ttft_s: float | None) -> None:
+    state = scope.get("state", {})
+    noted: dict[str, Any] = state.get("iir", {})
+    route = getattr(scope.get("route"), "path", "unmatched")
+    model = noted.get("model", "")
+    if (label := noted.get("in_flight")) is not None:
+        _in_flight[label] -= 1
+        metrics.IN_FLIGHT.set(_in_flight[label], priority=label)
+    metrics.REQUESTS.inc(route=route, model=model, status=status)
+    metrics.REQUEST_LATENCY.observe(latency_s, route=route, model=model)
+    if ttft_s is not None:
+        metrics.TIME_TO_FIRST_TOKEN.observe(ttft_s, model=model)
+    reason = noted.get("error")
+    if status in (401, 403):
+        metrics.AUTH_FAILURES.inc(reason=reason or str(status))
+    elif status == 429:
+        metrics.RATE_LIMITED.inc(limit=reason or "unknown")
+    elif status >= 500 and model:
+        metrics.UPSTREAM_ERRORS.inc(model=model, code=reason or str(status))
+    line = {"request_id": state.get("request_id"), "method": scope.get("method"), "path": scope.get("path"),
+            "status": status, "latency_ms": round(latency_s * 1e3, 2)}
+    if ttft_s is not None:
+        line["ttft_ms"] = round(ttft_s * 1e3, 2)
+    line.update({k: v for k, v in noted.items() if k != "in_flight"})
+    access_log.info("request", extra={"fields": line})

@@ -12,16 +12,18 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serve_app import response_cache
+from serve_app import metrics, response_cache
 from serve_app.api import sse
 from serve_app.api.deps import GatewayDep, InferenceKey
 from serve_app.api.metering import Meter, with_stream_usage
+from serve_app.api.middleware import annotate
 from serve_app.catalog import ModelSpec
 from serve_app.classifier import Conversation
 from serve_app.errors import ModelNotFound
 from serve_app.gateway import Gateway
 from serve_app.infer import run_infer
 from serve_app.keystore import KeyInfo
+from serve_app.response_cache import Found
 from serve_app.router import AUTO_MODELS, Route
 from serve_app.schemas import (
     ChatCompletionRequest,
@@ -34,9 +36,12 @@ from serve_app.schemas import (
 router = APIRouter()
 
 
-def _route_headers(route: Route) -> dict[str, str]:
+def _route_headers(request: Request, route: Route) -> dict[str, str]:
+    """Also notes the route for the request's log line."""
+    annotate(request.scope, model=route.spec.id)
     headers = {"x-iir-model": route.spec.id}
     if route.classification is not None:
+        annotate(request.scope, category=route.classification.category)
         headers["x-iir-category"] = route.classification.category
         headers["x-iir-confidence"] = f"{route.classification.confidence:.3f}"
     return headers
@@ -55,30 +60,38 @@ async def _generate(request: Request, gateway: GatewayDep, key: KeyInfo,
     conversation = _conversation(body) if body.model in AUTO_MODELS else []
     route = await gateway.router.resolve(body.model, conversation)
     body = body.model_copy(update={"model": route.spec.id})
-    headers = {**_route_headers(route), **limit_headers}
-    meter = Meter(gateway, key)
+    headers = {**_route_headers(request, route), **limit_headers}
+    meter = Meter(gateway, key, route.spec.id)
     cache = gateway.cache
     lookup = cache.lookup(request.headers, body, route.spec, key.id) if cache else None
-    if cache is not None and lookup is not None:
-        outcome, entry = await cache.get(lookup)
-        headers[response_cache.HEADER] = outcome
-        if entry is not None:
-            meter.record(None)  # a hit: one request, no tokens (no model ran); the body keeps its usage
-            return _from_cache(request, entry, route.spec.id, headers)
-    else:
-        headers[response_cache.HEADER] = "bypass"
+    found = await cache.get(lookup) if cache is not None and lookup is not None else Found("bypass")
+    headers.update(_cache_headers(found))
+    annotate(request.scope, cache=found.outcome if found.match is None else f"{found.outcome}:{found.match}")
+    metrics.CACHE_LOOKUPS.inc(model=route.spec.id, result=found.outcome, match=found.match or "")
+    if found.entry is not None:
+        meter.record(None)  # a hit: one request, no tokens (no model ran); the body keeps its usage
+        return _from_cache(request, found.entry, route.spec.id, headers)
     if not body.stream:
         result = await route.engine.generate(body)
         meter.record(result.get("usage"))
         result["model"] = route.spec.id
         if cache is not None and lookup is not None:
-            cache.put_later(lookup, {"kind": "json", "body": result})
+            cache.put_later(lookup, {"kind": "json", "body": result}, found.probe)
         return _json(result, headers)
     chunks = meter.stream(route.engine.stream(with_stream_usage(body)), strip_usage=not body.include_usage)
     if cache is not None and lookup is not None:
-        chunks = cache.recording(lookup, chunks)
+        chunks = cache.recording(lookup, chunks, found.probe)
     first, rest = await sse.first_and_rest(chunks)
     return _sse(request, first, rest, route.spec.id, headers)
+
+
+def _cache_headers(found: Found) -> dict[str, str]:
+    headers: dict[str, str] = {response_cache.HEADER: found.outcome}
+    if found.match is not None:
+        headers[response_cache.MATCH_HEADER] = found.match
+    if found.similarity is not None:
+        headers[response_cache.SIMILARITY_HEADER] = f"{found.similarity:.3f}"
+    return headers
 
 
 def _from_cache(request: Request, entry: dict[str, Any], model_id: str, headers: dict[str, str]) -> Response:
@@ -118,13 +131,14 @@ async def completions(body: CompletionRequest, request: Request, gateway: Gatewa
 
 
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, gateway: GatewayDep, key: InferenceKey) -> Response:
+async def embeddings(body: EmbeddingRequest, request: Request, gateway: GatewayDep,
+                     key: InferenceKey) -> Response:
     limit_headers = await gateway.limiter.check(key)
     route = await gateway.router.resolve(body.model, [])
     result = await route.engine.embed(body.model_copy(update={"model": route.spec.id}))
-    Meter(gateway, key).record(result.get("usage"))
+    Meter(gateway, key, route.spec.id).record(result.get("usage"))
     result["model"] = route.spec.id
-    return _json(result, {**_route_headers(route), **limit_headers})
+    return _json(result, {**_route_headers(request, route), **limit_headers})
 
 
 @router.get("/v1/models")
@@ -161,10 +175,11 @@ async def classify(body: ClassifyRequest, gateway: GatewayDep, key: InferenceKey
 
 
 @router.post("/infer")
-async def infer(body: InferRequest, gateway: GatewayDep, key: InferenceKey) -> Response:
+async def infer(body: InferRequest, request: Request, gateway: GatewayDep, key: InferenceKey) -> Response:
     limit_headers = await gateway.limiter.check(key)
     prompt = body.input.get("prompt") or body.input.get("text") or ""
     route = await gateway.router.resolve(body.model, [("user", str(prompt))])
     result = await run_infer(route, body.input)
-    Meter(gateway, key).record(result.get("usage"))  # generic tasks report none: a request, no tokens
-    return _json(result, {**_route_headers(route), **limit_headers})
+    # Generic tasks report no usage: a request, no tokens.
+    Meter(gateway, key, route.spec.id).record(result.get("usage"))
+    return _json(result, {**_route_headers(request, route), **limit_headers})

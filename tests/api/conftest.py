@@ -13,6 +13,7 @@ from serve_app.auth import AuthService
 from serve_app.classifier import EmbeddingClassifier
 from serve_app.gateway import Gateway, build_in_process_gateway
 from serve_app.keystore import KeyStore
+from serve_app.semantic_cache import SemanticIndex
 from serve_app.settings import Settings
 from tests.conftest import REDIS_URL, write_configs
 from tests.support.fake_upstream import FakeUpstream
@@ -31,8 +32,10 @@ async def gateway(tmp_path: Path, fake_upstream: FakeUpstream, prompt_classifier
     store = KeyStore(settings.database_url_plain())
     store.create_schema()
     auth = AuthService(store, redis_url=settings.redis_url, redis_timeout_s=settings.redis_timeout_s)
+    # The semantic cache's index shares the classifier's MiniLM, loaded once per session.
+    semantic = SemanticIndex(prompt_classifier.embedder, threshold=settings.semantic_cache_threshold)
     gw = build_in_process_gateway(settings, verifier=auth, key_admin=auth,
-                                     classifier=prompt_classifier)
+                                  classifier=prompt_classifier, semantic=semantic)
     yield gw
     await auth.close()
     store.close()

@@ -19,6 +19,7 @@ from tests.support.net import free_port, wait_ready
 class Graph:
     base_url: str
     database_url: str
+    metrics_url: str  # Ray's Prometheus endpoint on this node: IIR's metrics and Serve's
 
 
 
@@ -33,7 +34,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
     folder = tmp_path_factory.mktemp("graph")
     configs = write_configs(folder, fake_upstream.base_url)
     database_url = f"sqlite:///{folder / 'iir.db'}"
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "HF_HUB_OFFLINE": "1",
            "IIR_TEST_UPSTREAM_KEY": fake_upstream.api_key, "IIR_DATABASE_URL": database_url,
            **{f"IIR_{k.upper()}": str(v) for k, v in configs.items()}}
@@ -41,13 +42,16 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
 
     # address="local": always a fresh cluster of our own, never one some other process left running.
     with environ(env):
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # Metrics reach the endpoint every report interval (10 s by default); 1 s keeps the test short.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
             base_url = f"http://localhost:{port}"
             wait_ready(base_url, timeout_s=240, all_models=True)
-            yield Graph(base_url=base_url, database_url=database_url)
+            yield Graph(base_url=base_url, database_url=database_url,
+                        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
         finally:
             serve.shutdown()
             ray.shutdown()
