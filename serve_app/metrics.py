@@ -170,7 +170,8 @@ AUTH_FAILURES = Counter("iir_auth_failures", "401/403 by reason (missing, invali
 RATE_LIMITED = Counter("iir_rate_limited", "429s by the limit that was hit", ("limit",))
 UPSTREAM_ERRORS = Counter("iir_upstream_errors", "Model calls that failed, by model and error code",
                           ("model", "code"))
-UPSTREAM_RETRIES = Counter("iir_upstream_retries", "Retried calls to remote providers", ("model",))
+UPSTREAM_RETRIES = Counter("iir_upstream_retries", "Calls to remote providers retried after a failed connect",
+                           ("provider",))
 REDIS_FAIL_OPEN = Counter("iir_redis_fail_open", "Requests served without Redis (rate limits unchecked)",
                           ("component",))
 

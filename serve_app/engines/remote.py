@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from serve_app import metrics
 from serve_app.catalog import ModelSpec, ProviderSpec
 from serve_app.engines.base import EngineBase
 from serve_app.errors import (
@@ -209,6 +210,7 @@ class RemoteEngine(EngineBase):
                 return await self._client.send(request, stream=stream)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 if attempt == 1:
+                    metrics.UPSTREAM_RETRIES.inc(provider=self._provider)
                     await asyncio.sleep(_CONNECT_RETRY_DELAY_S)
                     continue
                 log.warning("%s: connect to %s failed twice: %s", self._who(), request.url, _describe(exc))
