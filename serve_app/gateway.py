@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+from serve_app.admission import Admission
 from serve_app.catalog import Catalog, load_catalog
 from serve_app.classifier import RoutingPolicy
 from serve_app.hardware import launchable_nodes
@@ -54,6 +55,8 @@ class Gateway:
     revocations: RevocationListener
     limiter: RateLimiter
     usage: UsageRecorder
+    # Priority queues in front of full local models.
+    admission: Admission = field(default_factory=lambda: Admission(30.0))
     # Made at startup (it may PING Redis); None while starting, or with IIR_CACHE_BACKEND=off.
     cache: ResponseCache | None = None
     # Started with the app (revocation listener, usage flusher), stopped at shutdown (pooled HTTP
@@ -84,6 +87,7 @@ def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAd
     gateway = Gateway(settings=settings, keys=keys, key_admin=key_admin, router=router,
                       refresh_registry=follower.refresh, registry_snapshot=lambda: follower.snapshot,
                       revocations=revocations, limiter=limiter, usage=usage,
+                      admission=Admission(settings.queue_timeout_s),
                       on_startup=[follower.start, _started(revocations), usage.start],
                       on_shutdown=[revocations.stop, follower.stop, usage.stop, limiter.aclose])
 

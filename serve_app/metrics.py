@@ -148,6 +148,8 @@ TIME_TO_FIRST_TOKEN = Histogram("iir_time_to_first_token_seconds",
                                 LATENCY_BUCKETS_S)
 TOKENS = Counter("iir_tokens", "Tokens in (prompt) and out (completion), as the model reported",
                  ("model", "direction"))
+QUEUED = Gauge("iir_queued_requests", "Requests waiting for a full local model, by key priority",
+               ("priority",))
 IN_FLIGHT = Gauge("iir_in_flight_requests",
                   "Model requests in progress on this ingress replica, by key priority", ("priority",))
 

@@ -35,6 +35,8 @@ class Route:
     spec: ModelSpec
     engine: InferenceEngine
     classification: Classification | None = None
+    # Requests the model's replicas take at once (local models; serve_app/admission.py), else None.
+    capacity: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,10 @@ class ModelRouter:
             raise ServiceUnavailable(
                 f"model '{spec.id}' is starting a replica; retry in {self._retry_after} s", param="model",
                 code="model_loading", headers={"Retry-After": self._retry_after})
-        return Route(spec, engine, classification)
+        capacity = None
+        if entry is not None and spec.is_local:
+            capacity = spec.max_ongoing_requests * max(entry.replicas or 1, 1)
+        return Route(spec, engine, classification, capacity)
 
     def _wake(self, model_id: str, engine: InferenceEngine) -> None:
         """A scaled-to-zero model: one queued call makes Serve start a replica; callers retry later."""

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     launchable_nodes: list[NodeShape] = Field(default_factory=list)
 
     # Response cache (serve_app/response_cache.py). auto: Redis if it answers at start, else in-process.
+    # Longest wait for a full local model before 503 model_busy (serve_app/admission.py).
+    queue_timeout_s: float = Field(30.0, gt=0)
     cache_backend: Literal["auto", "redis", "memory", "off"] = "auto"
     cache_scope: Literal["key", "global"] = "key"  # global shares answers across API keys
     cache_ttl_s: int = Field(3600, ge=0)

@@ -7,6 +7,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -86,6 +87,11 @@ def annotate(scope: Scope, **fields: Any) -> None:
     scope.setdefault("state", {}).setdefault("iir", {}).update(fields)
 
 
+def when_done(scope: Scope, callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the response's last byte is sent, or the request failed or was abandoned."""
+    scope.setdefault("state", {}).setdefault("iir_when_done", []).append(callback)
+
+
 class AccessLogMiddleware:
     """One JSON log line and the traffic metrics per request, after its last byte.
 
@@ -136,6 +142,8 @@ def count_in_flight(scope: Scope, priority: int) -> None:
 
 def _finish(scope: Scope, status: int, latency_s: float, ttft_s: float | None) -> None:
     state = scope.get("state", {})
+    for callback in state.pop("iir_when_done", []):
+        callback()
     noted: dict[str, Any] = state.get("iir", {})
     route = getattr(scope.get("route"), "path", "unmatched")
     model = noted.get("model", "")

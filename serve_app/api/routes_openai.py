@@ -13,10 +13,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve_app import metrics, response_cache
+from serve_app.admission import Release
 from serve_app.api import sse
 from serve_app.api.deps import GatewayDep, InferenceKey
 from serve_app.api.metering import Meter, with_stream_usage
-from serve_app.api.middleware import annotate
+from serve_app.api.middleware import annotate, when_done
 from serve_app.catalog import ModelSpec
 from serve_app.classifier import Conversation
 from serve_app.errors import ModelNotFound
@@ -71,18 +72,45 @@ async def _generate(request: Request, gateway: GatewayDep, key: KeyInfo,
     if found.entry is not None:
         meter.record(None)  # a hit: one request, no tokens (no model ran); the body keeps its usage
         return _from_cache(request, found.entry, route.spec.id, headers)
+    release = await _admit(request, gateway, route, key)
     if not body.stream:
-        result = await route.engine.generate(body)
+        try:
+            result = await route.engine.generate(body)
+        finally:
+            release()
         meter.record(result.get("usage"))
         result["model"] = route.spec.id
         if cache is not None and lookup is not None:
             cache.put_later(lookup, {"kind": "json", "body": result}, found.probe)
         return _json(result, headers)
-    chunks = meter.stream(route.engine.stream(with_stream_usage(body)), strip_usage=not body.include_usage)
+    chunks = meter.stream(_releasing(route.engine.stream(with_stream_usage(body)), release),
+                          strip_usage=not body.include_usage)
     if cache is not None and lookup is not None:
         chunks = cache.recording(lookup, chunks, found.probe)
     first, rest = await sse.first_and_rest(chunks)
     return _sse(request, first, rest, route.spec.id, headers)
+
+
+async def _admit(request: Request, gateway: Gateway, route: Route, key: KeyInfo) -> Release:
+    """Wait, by key priority, for room on a full local model (serve_app/admission.py)."""
+    if route.capacity is None:
+        return _nothing
+    release = await gateway.admission.enter(route.spec.id, route.capacity, key.priority)
+    when_done(request.scope, release)  # a stream abandoned before its first chunk still gives it back
+    return release
+
+
+def _nothing() -> None:
+    pass
+
+
+async def _releasing(chunks: AsyncIterator[dict[str, Any]],
+                     release: Release) -> AsyncIterator[dict[str, Any]]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        release()
 
 
 def _cache_headers(found: Found) -> dict[str, str]:
@@ -135,7 +163,11 @@ async def embeddings(body: EmbeddingRequest, request: Request, gateway: GatewayD
                      key: InferenceKey) -> Response:
     limit_headers = await gateway.limiter.check(key)
     route = await gateway.router.resolve(body.model, [])
-    result = await route.engine.embed(body.model_copy(update={"model": route.spec.id}))
+    release = await _admit(request, gateway, route, key)
+    try:
+        result = await route.engine.embed(body.model_copy(update={"model": route.spec.id}))
+    finally:
+        release()
     Meter(gateway, key, route.spec.id).record(result.get("usage"))
     result["model"] = route.spec.id
     return _json(result, {**_route_headers(request, route), **limit_headers})
@@ -179,7 +211,11 @@ async def infer(body: InferRequest, request: Request, gateway: GatewayDep, key: 
     limit_headers = await gateway.limiter.check(key)
     prompt = body.input.get("prompt") or body.input.get("text") or ""
     route = await gateway.router.resolve(body.model, [("user", str(prompt))])
-    result = await run_infer(route, body.input)
+    release = await _admit(request, gateway, route, key)
+    try:
+        result = await run_infer(route, body.input)
+    finally:
+        release()
     # Generic tasks report no usage: a request, no tokens.
     Meter(gateway, key, route.spec.id).record(result.get("usage"))
     return _json(result, {**_route_headers(request, route), **limit_headers})
