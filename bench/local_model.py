@@ -52,6 +52,7 @@ async def _measure(generate: Callable[[], Awaitable[int]], first_pieces: Callabl
 
 
 async def through_router(base_url: str, headers: dict[str, str], requests: int) -> dict[str, Any]:
+    headers = {**headers, "cache-control": "no-store"}  # temperature 0 would be a cache hit
     url = f"{base_url}/v1/chat/completions"
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
         async def generate() -> int:
