@@ -43,6 +43,7 @@ from serve_app.semantic_cache import Probe, SemanticLookup, SemanticQuery, seman
 
 logger = logging.getLogger(__name__)
 
+SEMANTIC_BACKOFF_S = 1.0  # the first pause after a failed semantic lookup
 HEADER = "x-iir-cache"
 MATCH_HEADER = "x-iir-cache-match"  # on a hit: exact | semantic
 SIMILARITY_HEADER = "x-iir-cache-similarity"  # on a semantic hit: the cosine similarity
@@ -96,6 +97,8 @@ class ResponseCache:
         self.store = store
         self._semantic = semantic
         self._semantic_timeout_s = semantic_timeout_s
+        self._semantic_paused_until = 0.0
+        self._semantic_backoff_s = SEMANTIC_BACKOFF_S
         self._scope = scope
         self._default_ttl_s = default_ttl_s
         self._max_entry_bytes = max_entry_bytes
@@ -147,20 +150,34 @@ class ResponseCache:
     async def _get_similar(self, lookup: Lookup) -> Found:
         if lookup.semantic is None or self._semantic is None:
             return Found("miss")
+        if time.monotonic() < self._semantic_paused_until:
+            return Found("miss")  # it failed a moment ago
         try:
             async with asyncio.timeout(self._semantic_timeout_s):
                 probe = await self._semantic.lookup(lookup.semantic.scope, lookup.semantic.text)
         except Exception as exc:  # fail open, like Redis: a slow or broken index only costs the hit
-            self.stats.semantic_errors += 1
-            metrics.CACHE_ERRORS.inc(backend="semantic")
-            logger.warning("semantic cache lookup failed (%s); answering without it", describe(exc))
+            self._semantic_failed(exc)
             return Found("miss")
+        if self._semantic_backoff_s > SEMANTIC_BACKOFF_S:
+            logger.info("semantic cache lookups work again")
+            self._semantic_backoff_s = SEMANTIC_BACKOFF_S
         if probe.key is not None:
             raw = await self.store.get(probe.key)
             entry = _decode(raw) if raw is not None else None
             if entry is not None:
                 return Found("hit", entry, "semantic", probe.similarity)
         return Found("miss", probe=probe)
+
+    def _semantic_failed(self, exc: BaseException) -> None:
+        """Skip semantic lookups for a while (doubling to 30 s), so a dead index costs one timeout,
+        not one per request."""
+        self.stats.semantic_errors += 1
+        metrics.CACHE_ERRORS.inc(backend="semantic")
+        if self._semantic_backoff_s == SEMANTIC_BACKOFF_S:
+            logger.warning("semantic cache lookup failed (%s); answering without it, retrying in %.0f s",
+                           describe(exc), self._semantic_backoff_s)
+        self._semantic_paused_until = time.monotonic() + self._semantic_backoff_s
+        self._semantic_backoff_s = min(self._semantic_backoff_s * 2, 30.0)
 
     def put_later(self, lookup: Lookup, entry: dict[str, Any], probe: Probe | None = None) -> None:
         """Store off the response path; an entry larger than ``IIR_CACHE_MAX_ENTRY_BYTES`` is skipped.
