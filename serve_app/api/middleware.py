@@ -14,13 +14,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app import metrics
 from serve_app.errors import PayloadTooLarge
-from serve_app.logs import access_log
+from serve_app.logs import in_serve_replica, log_request
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class RequestIdMiddleware:
-    """Echo a sane incoming ``x-request-id`` or make one; it is in ``scope["state"]`` and the response."""
+    """Echo a sane incoming ``x-request-id`` or make one; it is in ``scope["state"]`` and the response.
+
+    Behind Serve, Serve's own middleware has already put its request id in the request's headers (we
+    adopt it, so logs agree) and adds the response header itself; adding ours too would send it twice.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -32,6 +36,10 @@ class RequestIdMiddleware:
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+
+        if in_serve_replica():
+            await self.app(scope, receive, send)
+            return
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -166,4 +174,4 @@ def _finish(scope: Scope, status: int, latency_s: float, ttft_s: float | None) -
     if ttft_s is not None:
         line["ttft_ms"] = round(ttft_s * 1e3, 2)
     line.update({k: v for k, v in noted.items() if k != "in_flight"})
-    access_log.info("request", extra={"fields": line})
+    log_request(line)

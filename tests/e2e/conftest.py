@@ -35,7 +35,9 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
     configs = write_configs(folder, fake_upstream.base_url)
     database_url = f"sqlite:///{folder / 'iir.db'}"
     port, metrics_port = free_port(), free_port()
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "HF_HUB_OFFLINE": "1",
+    # Replica logs unbuffered (throughput-optimized Serve keeps 1,000 records), for the access-log test.
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+           "HF_HUB_OFFLINE": "1",
            "IIR_TEST_UPSTREAM_KEY": fake_upstream.api_key, "IIR_DATABASE_URL": database_url,
            **{f"IIR_{k.upper()}": str(v) for k, v in configs.items()}}
     from serve_app.builder import build_app

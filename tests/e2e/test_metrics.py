@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
+from pathlib import Path
 
 import requests
 
@@ -59,3 +61,26 @@ def test_a_scrape_shows_iir_metrics_after_traffic(graph: Graph, admin_headers: d
 def test_every_metric_is_named_iir() -> None:
     assert metrics.ALL and all(m.name.startswith("iir_") for m in metrics.ALL)
     assert len({m.name for m in metrics.ALL}) == len(metrics.ALL)
+
+
+def test_the_access_log_line_lands_in_the_ingress_replica_log(graph: Graph,
+                                                             admin_headers: dict[str, str]) -> None:
+    import ray
+
+    request_id = f"e2e-log-{uuid.uuid4().hex}"
+    body = {"model": "fake/echo-chat", "messages": [{"role": "user", "content": "log me"}]}
+    r = requests.post(f"{graph.base_url}/v1/chat/completions", json=body, timeout=60,
+                      headers={**admin_headers, "x-request-id": request_id})
+    assert r.status_code == 200 and r.headers["x-request-id"] == request_id
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    deadline = time.monotonic() + 20
+    found: list[str] = []
+    while not found and time.monotonic() < deadline:
+        found = [line for f in logs.glob("replica_iir_Ingress_*.log") for line in f.read_text().splitlines()
+                 if request_id in line and "latency_ms" in line]
+        time.sleep(0.5)
+    assert found, "no access-log line with the request id in the ingress replica's log"
+    line = json.loads(found[0][found[0].index("{"):])
+    assert line["status"] == 200 and line["model"] == "fake/echo-chat" and line["key_id"]
+    secret = admin_headers["Authorization"].removeprefix("Bearer ")
+    assert all(secret not in f.read_text() for f in logs.glob("*.log"))
