@@ -29,9 +29,11 @@ this Debian's packages) and why exact search rather than HNSW (scopes are small;
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import itertools
 import json
+import logging
 import re
 import time
 from collections import OrderedDict
@@ -43,6 +45,8 @@ import numpy as np
 
 from serve_app.catalog import ModelSpec
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+
+logger = logging.getLogger(__name__)
 
 HEADER = "x-iir-semantic-cache"
 
@@ -311,3 +315,64 @@ class SemanticIndex:
         if not target.entries:
             del self._scopes[scope]
 
+
+
+class SemanticJournal:
+    """The index's entries also in Redis, each with its own TTL, so a restarted ``SemanticCache``
+    replica rebuilds its index instead of starting empty. Best effort: Redis failures only log."""
+
+    def __init__(self, redis: Any, *, prefix: str = "iir:sem:", timeout_s: float = 1.0) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._timeout_s = timeout_s
+        self._failed = False
+
+    async def record(self, scope: str, probe: Probe, key: str, ttl_s: int) -> None:
+        entry = {"scope": scope, "key": key, "vector": base64.b64encode(probe.vector).decode(),
+                 "numbers": probe.signature.numbers, "words": probe.signature.words,
+                 "directed": sorted(probe.signature.directed)}
+        name = self._prefix + hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._redis.set(name, json.dumps(entry), ex=max(ttl_s, 1))
+            self._failed = False
+        except Exception as exc:
+            if not self._failed:
+                self._failed = True
+                logger.warning("semantic cache: could not journal an entry in Redis (%s); a restart "
+                               "will not find it", type(exc).__name__)
+
+    async def replay(self, index: SemanticIndex) -> int:
+        """Add every journaled entry that has not expired to ``index``; how many were added."""
+        added = 0
+        try:
+            async for names in _batches(self._redis.scan_iter(match=self._prefix + "*", count=500), 500):
+                pipe = self._redis.pipeline(transaction=False)
+                for name in names:
+                    pipe.get(name)
+                    pipe.ttl(name)
+                replies = await pipe.execute()
+                for raw, ttl in zip(replies[::2], replies[1::2], strict=True):
+                    if raw is None or ttl is None or ttl <= 0:
+                        continue
+                    entry = json.loads(raw)
+                    signature = Signature(tuple(entry["numbers"]), tuple(entry["words"]),
+                                          frozenset(tuple(d) for d in entry["directed"]))
+                    vector = np.frombuffer(base64.b64decode(entry["vector"]), dtype=np.float32)
+                    index.add_now(entry["scope"], vector, signature, entry["key"], int(ttl))
+                    added += 1
+        except Exception as exc:
+            logger.warning("semantic cache: rebuilding the index from Redis stopped after %d entries (%s)",
+                           added, type(exc).__name__)
+        return added
+
+
+async def _batches(items: Any, size: int) -> Any:
+    batch: list[Any] = []
+    async for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

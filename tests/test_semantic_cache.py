@@ -4,6 +4,7 @@ packaged MiniLM: real embeddings, no stand-ins."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import pytest
@@ -138,3 +139,32 @@ async def test_concurrent_lookups_and_adds_keep_the_index_consistent(index: Sema
     await asyncio.gather(*(answer(index, "s", t, f"key-{n}") for n, t in enumerate(texts)))
     found = await asyncio.gather(*(index.lookup("s", t) for t in texts))
     assert [p.key for p in found] == [f"key-{n}" for n in range(5)]
+
+
+async def test_a_new_index_rebuilds_from_the_redis_journal(prompt_classifier: EmbeddingClassifier) -> None:
+    from redis.asyncio import Redis
+
+    from serve_app.semantic_cache import SemanticJournal
+    from tests.conftest import REDIS_URL
+
+    prefix = f"iir-test:sem:{uuid.uuid4().hex}:"
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        journal = SemanticJournal(redis, prefix=prefix)
+        first = SemanticIndex(prompt_classifier.embedder, threshold=0.85)
+        for text, key, ttl in (("How do I reverse a list in Python?", "key-kept", 60),
+                               ("Tell me a joke about cats", "key-gone", 1)):
+            probe = await first.lookup("s", text)
+            await first.add("s", probe, key, ttl)
+            await journal.record("s", probe, key, ttl)
+        await asyncio.sleep(1.1)  # the second entry's TTL runs out in Redis
+
+        restarted = SemanticIndex(prompt_classifier.embedder, threshold=0.85)
+        assert await journal.replay(restarted) == 1
+        assert (await restarted.lookup("s", "Please, how do I reverse a list in python")).key == "key-kept"
+        assert (await restarted.lookup("s", "Tell me a joke about cats")).key is None
+    finally:
+        stale = [k async for k in redis.scan_iter(match=prefix + "*")]
+        if stale:
+            await redis.delete(*stale)
+        await redis.aclose()
