@@ -9,7 +9,7 @@ What is compared, and what must be equal:
 
 - **Scope** (exact): SHA-256 of the namespace (API key or global, as the exact cache), the model after
   routing, the endpoint, every parameter, and every message but the last user turn: system prompt,
-  earlier turns, tools and response format included. Two requests can only match inside one scope.
+  earlier turns and response format included. Two requests can only match inside one scope.
 - **Text** (similar): the last user turn (or a completion's single prompt), embedded with the packaged
   all-MiniLM-L6-v2 and matched by cosine similarity ≥ ``IIR_SEMANTIC_CACHE_THRESHOLD``.
 - **Guard** (exact): the two texts must also agree word for word once filler is set aside: the same
@@ -22,7 +22,8 @@ What is compared, and what must be equal:
 Never for tool calls: a request offering tools, or carrying tool calls or results, is not looked up.
 
 The index is FAISS (``IndexFlatIP``, exact inner product over normalized vectors), one per scope, in
-the ``SemanticCache`` deployment's memory. ``docs/ARCHITECTURE.md`` says why not pgvector (not in
+the ``SemanticCache`` deployment's memory, journaled in Redis (``SemanticJournal``) so a restarted
+replica rebuilds it. ``docs/ARCHITECTURE.md`` says why not pgvector (not in
 this Debian's packages) and why exact search rather than HNSW (scopes are small; expiry needs delete).
 """
 
