@@ -113,7 +113,10 @@ def _chat_parts(body: ChatCompletionRequest) -> tuple[str, dict[str, Any]] | Non
     return last.text(), payload
 
 
-_WORD = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+(?:\+\+|#)?", re.UNICODE)
+# Tokens: numbers; one CJK character each (those scripts put no spaces between words); words (with
+# "c++", "c#"); and operators, which change a request as much as a word does ("2x + 3" / "2x - 3").
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+_WORD = re.compile(rf"\d+(?:[.,]\d+)*|[{_CJK}]|(?:(?![{_CJK}])[^\W\d_])+(?:\+\+|#)?|[-+*/=<>^]")
 _CONTRACTIONS = [(re.compile(p), r) for p, r in (
     (r"\bwon't\b", "will not"), (r"\bcan't\b", "can not"), (r"\bcannot\b", "can not"),
     (r"n't\b", " not"), (r"'re\b", " are"), (r"'ve\b", " have"), (r"'ll\b", " will"),
@@ -193,8 +196,9 @@ def _stem(word: str) -> str:
 
 
 def _one_typo_apart(a: str, b: str) -> bool:
-    """One insertion, deletion, substitution or swap of neighbours; only for words of 4+ letters."""
-    if min(len(a), len(b)) < 4 or abs(len(a) - len(b)) > 1:
+    """One insertion, deletion, substitution or swap of neighbours; only for ASCII words of 4+ letters
+    (in other scripts one character is too often the whole difference: 首行 / 首列)."""
+    if min(len(a), len(b)) < 4 or abs(len(a) - len(b)) > 1 or not (a.isascii() and b.isascii()):
         return False
     if len(a) == len(b):
         diff = [i for i in range(len(a)) if a[i] != b[i]]
