@@ -55,6 +55,18 @@ def scores(pairs: list[dict], sims: np.ndarray, threshold: float,
     return precision, tp / (tp + fn) if tp + fn else 0.0, fp
 
 
+def report(pairs: list[dict], sims: np.ndarray, threshold: float) -> None:
+    """Precision and recall with and without the guard, and each false match the guard let through."""
+    pg, rg, fpg = scores(pairs, sims, threshold, True)
+    pc, rc, fpc = scores(pairs, sims, threshold, False)
+    print(f"  with the guard: precision {pg:.3f}, recall {rg:.3f}, {fpg} false matches")
+    print(f"  cosine only:    precision {pc:.3f}, recall {rc:.3f}, {fpc} false matches")
+    for pair, sim in zip(pairs, sims, strict=True):
+        if sim >= threshold and not pair["same"] and agrees(signature(pair["a"]), signature(pair["b"])):
+            print(f"  false match {pair['id']} ({pair.get('kind')}, {sim:.3f}): "
+                  f"{pair['a']!r} ~ {pair['b']!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,32 +95,15 @@ def main() -> None:
             chosen, best_recall = t, rg
     assert chosen is not None, "no threshold reaches the target precision on dev"
 
-    test = [pairs[i] for i in halves["test"]]
-    test_sims = sims[halves["test"]]
-    pg, rg, fpg = scores(test, test_sims, chosen, True)
-    pc, rc, fpc = scores(test, test_sims, chosen, False)
     print(f"\nchosen threshold (dev, precision ≥ {args.target_precision}): {chosen:.2f}")
-    print(f"test, with the guard: precision {pg:.3f}, recall {rg:.3f}, {fpg} false matches")
-    print(f"test, cosine only:    precision {pc:.3f}, recall {rc:.3f}, {fpc} false matches")
-    for pair, sim in zip(test, test_sims, strict=True):
-        if sim >= chosen and not pair["same"] and agrees(signature(pair["a"]), signature(pair["b"])):
-            print(f"  false match {pair['id']} ({pair.get('kind')}, {sim:.3f}): "
-                  f"{pair['a']!r} ~ {pair['b']!r}")
-
+    print("test half:")
+    report([pairs[i] for i in halves["test"]], sims[halves["test"]], chosen)
     if FRESH.exists():
         fresh = [json.loads(line) for line in FRESH.read_text().splitlines() if line.strip()]
         fa, fb = embedder.embed([p["a"] for p in fresh]), embedder.embed([p["b"] for p in fresh])
-        fresh_sims = (fa * fb).sum(axis=1)
         positives = sum(p["same"] for p in fresh)
         print(f"\nunseen set ({FRESH.name}: {len(fresh)} pairs, {positives} paraphrases), at {chosen:.2f}:")
-        pg, rg, fpg = scores(fresh, fresh_sims, chosen, True)
-        pc, rc, fpc = scores(fresh, fresh_sims, chosen, False)
-        print(f"  with the guard: precision {pg:.3f}, recall {rg:.3f}, {fpg} false matches")
-        print(f"  cosine only:    precision {pc:.3f}, recall {rc:.3f}, {fpc} false matches")
-        for pair, sim in zip(fresh, fresh_sims, strict=True):
-            if sim >= chosen and not pair["same"] and agrees(signature(pair["a"]), signature(pair["b"])):
-                print(f"  false match {pair['id']} ({pair.get('kind')}, {sim:.3f}): "
-                      f"{pair['a']!r} ~ {pair['b']!r}")
+        report(fresh, (fa * fb).sum(axis=1), chosen)
 
     print("\nindex lookups, one scope (p50 / p99 ms):")
     rng = np.random.default_rng(0)
