@@ -56,7 +56,7 @@ class Gateway:
     limiter: RateLimiter
     usage: UsageRecorder
     # Priority queues in front of full local models.
-    admission: Admission = field(default_factory=lambda: Admission(30.0))
+    admission: Admission
     # Made at startup (it may PING Redis); None while starting, or with IIR_CACHE_BACKEND=off.
     cache: ResponseCache | None = None
     # Started with the app (revocation listener, usage flusher), stopped at shutdown (pooled HTTP
