@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sklearn.feature_extraction.text import HashingVectorizer
 
 CATEGORIES = ("code", "math", "reasoning", "creative", "summarize", "translate", "chat")
@@ -195,40 +195,92 @@ class RoutingPolicy(BaseModel):
     """``configs/routing.yaml``: classification → model.
 
     Preference lists (default): the first *available* model of the category's list, falling through
-    to the next. Cost-aware (``cost_aware: true``): among available chat models whose
-    ``quality_tier`` covers the category's tier (one tier more at ``complexity >= complex_from``),
-    the cheapest by ``cost_per_1k_tokens``. Either way, a classification below ``min_confidence`` takes
-    ``default``: abstaining beats a confident-looking guess.
+    to the next; at ``complexity >= complex_from`` the category's ``when_complex`` list is tried first.
+    An entry ``tag:<name>`` stands for the available models carrying that tag (``models.yaml``),
+    cheapest first. Cost-aware (``cost_aware: true``): among available chat models whose
+    ``quality_tier`` covers the category's tier (one tier more when complex), the cheapest by
+    ``cost_per_1k_tokens``; when none covers it, the best tier there is. A classification below
+    ``min_confidence``, or none at all (classifier down), takes ``default``: abstaining beats a
+    confident-looking guess. ``default`` itself falls through to the cheapest available chat model.
     """
 
     model_config = ConfigDict(extra="forbid")
     default: str
     min_confidence: float = Field(0.0, ge=0, le=1)
     categories: dict[str, list[str]] = Field(default_factory=dict)
+    when_complex: dict[str, list[str]] = Field(default_factory=dict)
     cost_aware: bool = False
     tiers: dict[str, int] = Field(default_factory=dict)
     complex_from: float = Field(0.7, ge=0, le=1)
+
+    @field_validator("categories", "when_complex", "tiers")
+    @classmethod
+    def _known_categories(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - set(CATEGORIES))
+        if unknown:  # a misspelt key would otherwise be ignored in silence
+            raise ValueError(f"unknown categories {unknown}; the taxonomy is {list(CATEGORIES)}")
+        return value
 
     @classmethod
     def load(cls, path: Path) -> RoutingPolicy:
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
 
+    def named_models(self) -> set[str]:
+        """Every model id the file names (tags aside)."""
+        lists = [*self.categories.values(), *self.when_complex.values()]
+        return {self.default} | {m for models in lists for m in models if not m.startswith(TAG_PREFIX)}
+
     def choose(self, result: Classification, candidates: Sequence[Candidate]) -> tuple[str, str]:
         """(model id, why): ``candidates`` are the available chat models."""
-        available = {c.id: c for c in candidates}
+        category = result.category
         if result.confidence < self.min_confidence:
-            return self.default, f"confidence {result.confidence:.2f} below {self.min_confidence:g}: default"
+            why = f"confidence {result.confidence:.2f} below {self.min_confidence:g}"
+            return self.fallback(candidates, why)
+        complex_ = result.complexity >= self.complex_from
         if self.cost_aware:
-            tier = self.tiers.get(result.category, 1) + (1 if result.complexity >= self.complex_from else 0)
-            covering = [c for c in candidates if c.quality_tier >= tier]
-            if covering:
-                best = min(covering, key=lambda c: (math.inf if c.cost is None else c.cost, -c.quality_tier))
-                return best.id, f"cheapest with quality tier >= {tier}"
-            return self.default, f"no available model has quality tier >= {tier}: default"
-        for model_id in self.categories.get(result.category, []):
-            if model_id in available:
-                return model_id, f"first available for {result.category}"
-        return self.default, f"none of {result.category}'s models is available: default"
+            return self._cheapest_covering(category, complex_, candidates)
+        lists = [(self.when_complex.get(category, []), f"complex {category}")] if complex_ else []
+        lists.append((self.categories.get(category, []), category))
+        for preferences, label in lists:
+            for model_id in self._expand(preferences, candidates):
+                return model_id, f"first available for {label}"
+        return self.fallback(candidates, f"none of {category}'s models is available")
+
+    def fallback(self, candidates: Sequence[Candidate], why: str) -> tuple[str, str]:
+        """``default``, or while it is unavailable the cheapest available chat model."""
+        if self.default in {c.id for c in candidates} or not candidates:
+            return self.default, f"{why}: default"
+        cheapest = min(candidates, key=_cost_then_tier)
+        return cheapest.id, f"{why}: default {self.default} unavailable, cheapest available"
+
+    def _cheapest_covering(self, category: str, complex_: bool,
+                           candidates: Sequence[Candidate]) -> tuple[str, str]:
+        tier = self.tiers.get(category, 1) + (1 if complex_ else 0)
+        covering = [c for c in candidates if c.quality_tier >= tier]
+        if covering:
+            return min(covering, key=_cost_then_tier).id, f"cheapest with quality tier >= {tier}"
+        if not candidates:
+            return self.fallback(candidates, f"no model available for tier {tier}")
+        # Nothing is good enough: the best there is beats the default small model.
+        best_tier = max(c.quality_tier for c in candidates)
+        best = min((c for c in candidates if c.quality_tier == best_tier), key=_cost_then_tier)
+        return best.id, f"no available model has quality tier >= {tier}: best tier ({best_tier})"
+
+    @staticmethod
+    def _expand(preferences: Sequence[str], candidates: Sequence[Candidate]) -> list[str]:
+        """Available model ids in preference order; ``tag:x`` → the models tagged x, cheapest first."""
+        available = {c.id for c in candidates}
+        models: list[str] = []
+        for entry in preferences:
+            if entry.startswith(TAG_PREFIX):
+                tag = entry[len(TAG_PREFIX):]
+                models += [c.id for c in sorted(candidates, key=_cost_then_tier) if tag in c.tags]
+            elif entry in available:
+                models.append(entry)
+        return models
+
+
+TAG_PREFIX = "tag:"
 
 
 @dataclass(frozen=True)
@@ -236,3 +288,9 @@ class Candidate:
     id: str
     quality_tier: int
     cost: float | None
+    tags: frozenset[str] = frozenset()
+
+
+def _cost_then_tier(candidate: Candidate) -> tuple[float, int, str]:
+    """Cheapest first (unknown cost last), then the higher tier, then by id for a stable choice."""
+    return (math.inf if candidate.cost is None else candidate.cost, -candidate.quality_tier, candidate.id)

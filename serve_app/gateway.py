@@ -76,7 +76,8 @@ def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAd
     policy = policy or RoutingPolicy.load(settings.routing_config)
     empty = Catalog.model_construct(models=[], providers=[], default_model=policy.default)
     router = ModelRouter(empty, {}, policy=policy, classifier=classifier,
-                         retry_after_s=settings.model_loading_retry_after_s)
+                         retry_after_s=settings.model_loading_retry_after_s,
+                         classifier_timeout_s=settings.classifier_timeout_s)
     follower = RegistryFollower(registry, router, settings, local_engine)
     keys = VerifiedKeyCache(verifier, ttl_s=settings.key_cache_ttl_s, max_size=settings.key_cache_size,
                             negative_ttl_s=settings.negative_key_cache_ttl_s,

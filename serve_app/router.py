@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from serve_app.registry import RegistryEntry
 
 AUTO_MODELS = frozenset({"auto", "iir/auto"})
+CLASSIFIER_BACKOFF_S, CLASSIFIER_MAX_BACKOFF_S = 1.0, 30.0
 logger = logging.getLogger(__name__)
 
 
@@ -31,27 +32,31 @@ class PromptClassifier(Protocol):
 
 
 @dataclass(frozen=True)
-class Route:
-    spec: ModelSpec
-    engine: InferenceEngine
-    classification: Classification | None = None
-    # Requests the model's replicas take at once (local models; serve_app/admission.py), else None.
-    capacity: int | None = None
-
-
-@dataclass(frozen=True)
 class Decision:
     """What ``auto`` chose, and why (``POST /v1/classify`` shows it)."""
 
-    classification: Classification
+    classification: Classification | None  # None: the classifier was down, the default route was taken
     model: str
     reason: str
 
 
+@dataclass(frozen=True)
+class Route:
+    spec: ModelSpec
+    engine: InferenceEngine
+    decision: Decision | None = None  # model: "auto" only
+    # Requests the model's replicas take at once (local models; serve_app/admission.py), else None.
+    capacity: int | None = None
+
+
 class ModelRouter:
     def __init__(self, catalog: Catalog, engines: Mapping[str, InferenceEngine], *,
-                 policy: RoutingPolicy, classifier: PromptClassifier, retry_after_s: int = 5) -> None:
+                 policy: RoutingPolicy, classifier: PromptClassifier, retry_after_s: int = 5,
+                 classifier_timeout_s: float = 1.0) -> None:
         self._classifier = classifier
+        self._classifier_timeout_s = classifier_timeout_s
+        self._classifier_backoff_s = CLASSIFIER_BACKOFF_S
+        self._classifier_paused_until = 0.0
         self._policy = policy
         self._retry_after = str(retry_after_s)
         self._waking: dict[str, asyncio.Task[None]] = {}
@@ -87,10 +92,10 @@ class ModelRouter:
         return self._engines.get(model_id)
 
     async def resolve(self, model: str, conversation: Conversation) -> Route:
-        classification = None
+        decision = None
         if model in AUTO_MODELS:
             decision = await self.decide(conversation)
-            classification, model = decision.classification, decision.model
+            model = decision.model
         spec = self.catalog.get(model)
         if spec is None:
             raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
@@ -111,7 +116,7 @@ class ModelRouter:
         capacity = None
         if entry is not None and spec.is_local:
             capacity = spec.max_ongoing_requests * max(entry.replicas or 1, 1)
-        return Route(spec, engine, classification, capacity)
+        return Route(spec, engine, decision, capacity)
 
     def _wake(self, model_id: str, engine: InferenceEngine) -> None:
         """A scaled-to-zero model: one queued call makes Serve start a replica; callers retry later."""
@@ -127,17 +132,43 @@ class ModelRouter:
             logger.warning("waking %s failed: %s", model_id, exc)
 
     async def decide(self, conversation: Conversation) -> Decision:
-        """Classify, then pick among the available chat models by the routing policy."""
+        """Classify, then pick among the available chat models by the routing policy.
+
+        A classifier that fails or is slower than its timeout costs that one request the timeout; the
+        next ones skip it for a while (1 s, doubling to 30 s) and take the policy's default route,
+        so a dead Classifier never holds up ``auto`` (docs/ARCHITECTURE.md, failure policies).
+        """
         started = time.perf_counter()
-        try:
-            result = await self._classifier.classify(conversation)
-        except Exception:  # a broken classifier must not break "auto": take the default route
-            logger.warning("classifier failed; routing to the default model", exc_info=True)
-            result = Classification("chat", 0.0, 0.0, {})
+        result = await self._classify(conversation)
+        candidates = self._candidates()
+        if result is None:
+            model, reason = self._policy.fallback(candidates, "classifier unavailable")
+            metrics.CLASSIFIER_DECISIONS.inc(category="unclassified", model=model)
+            return Decision(None, model, reason)
         metrics.CLASSIFIER_LATENCY.observe(time.perf_counter() - started)
-        model, reason = self._policy.choose(result, self._candidates())
+        model, reason = self._policy.choose(result, candidates)
         metrics.CLASSIFIER_DECISIONS.inc(category=result.category, model=model)
         return Decision(result, model, reason)
+
+    async def _classify(self, conversation: Conversation) -> Classification | None:
+        if time.monotonic() < self._classifier_paused_until:
+            return None
+        try:
+            async with asyncio.timeout(self._classifier_timeout_s):
+                result = await self._classifier.classify(conversation)
+        except Exception as exc:  # noqa: BLE001 - whatever broke, "auto" takes the default route
+            self._classifier_failed(exc)
+            return None
+        self._classifier_backoff_s = CLASSIFIER_BACKOFF_S
+        return result
+
+    def _classifier_failed(self, exc: BaseException) -> None:
+        if self._classifier_backoff_s == CLASSIFIER_BACKOFF_S:  # once per outage, not per request
+            logger.warning("classifier failed (%s); auto takes the default route for %.0f s",
+                           type(exc).__name__ if isinstance(exc, TimeoutError) else exc,
+                           self._classifier_backoff_s)
+        self._classifier_paused_until = time.monotonic() + self._classifier_backoff_s
+        self._classifier_backoff_s = min(self._classifier_backoff_s * 2, CLASSIFIER_MAX_BACKOFF_S)
 
     def _candidates(self) -> list[Candidate]:
         candidates = []
@@ -146,5 +177,5 @@ class ModelRouter:
             entry = self._entries.get(model_id)
             if spec is not None and spec.task == "chat" and not (entry and entry.cold):
                 cost = entry.cost_per_1k_tokens if entry else spec.cost_per_1k_tokens
-                candidates.append(Candidate(model_id, spec.quality_tier, cost))
+                candidates.append(Candidate(model_id, spec.quality_tier, cost, frozenset(spec.tags)))
         return candidates

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     providers_config: Path = REPO_CONFIGS / "providers.yaml"
     routing_config: Path = REPO_CONFIGS / "routing.yaml"
     classifier_head: Path = REPO_CONFIGS / "classifier" / "head.json"
+    # Longest wait for a classification before "auto" takes routing.yaml's default (serve_app/router.py).
+    # Well above the p99 under load (0.3 s at c=8 here), well below a client's patience.
+    classifier_timeout_s: float = Field(1.0, gt=0)
     # Derived files made once per machine (the classifier's ONNX embedding model).
     cache_dir: Path = Path.home() / ".cache" / "iir"
     # Discovery: GGUF files and Hugging Face folders here become local models on refresh.

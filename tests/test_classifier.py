@@ -1,4 +1,5 @@
-"""The prompt classifier with the real model (ONNX MiniLM) and the committed head, and the routing policy.
+"""The prompt classifier with the real model (ONNX MiniLM) and the committed head (the routing policy:
+tests/test_routing_policy.py).
 
 The quality numbers themselves live in ``configs/classifier/metrics.json`` (and ``bench/classifier_bench.py``
 prints them); these tests check that the committed artifact is the one those numbers describe, that
@@ -13,14 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.classifier import (
-    CATEGORIES,
-    Candidate,
-    Classification,
-    EmbeddingClassifier,
-    RoutingPolicy,
-    conversation_parts,
-)
+from serve_app.classifier import CATEGORIES, EmbeddingClassifier, conversation_parts
 from serve_app.classifier_train import DATA_DIR, OUT_DIR, evaluate, load_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,42 +93,3 @@ def test_long_turns_keep_their_head_and_tail() -> None:
     request, context = conversation_parts([("user", text)])
     assert request.endswith("Please translate the paragraph above into French.") and len(request) < 1100
     assert context == ""
-
-
-def result(category: str, confidence: float = 0.9, complexity: float = 0.2) -> Classification:
-    return Classification(category, confidence, complexity, {})
-
-
-def test_policy_takes_the_first_available_and_falls_through() -> None:
-    policy = RoutingPolicy(default="local/small", categories={"code": ["remote/big", "local/mid"]})
-    both = [Candidate("remote/big", 2, 0.5), Candidate("local/mid", 1, 0.01)]
-    assert policy.choose(result("code"), both)[0] == "remote/big"
-    assert policy.choose(result("code"), both[1:])[0] == "local/mid"
-    assert policy.choose(result("code"), [])[0] == "local/small"
-    assert policy.choose(result("math"), both)[0] == "local/small"  # no list for math
-
-
-def test_policy_abstains_below_the_confidence_floor() -> None:
-    policy = RoutingPolicy(default="local/small", min_confidence=0.5, categories={"code": ["remote/big"]})
-    model, why = policy.choose(result("code", confidence=0.42), [Candidate("remote/big", 2, 0.5)])
-    assert model == "local/small" and "below" in why
-
-
-def test_cost_aware_picks_the_cheapest_model_whose_tier_covers_the_category() -> None:
-    policy = RoutingPolicy(default="d", cost_aware=True, tiers={"code": 2, "chat": 1}, complex_from=0.7)
-    models = [Candidate("tiny", 1, 0.0002), Candidate("mid", 2, 0.0006), Candidate("mid-cheap", 2, 0.0004),
-              Candidate("big", 3, 0.01)]
-    assert policy.choose(result("chat"), models)[0] == "tiny"
-    assert policy.choose(result("code"), models)[0] == "mid-cheap"
-    assert policy.choose(result("code", complexity=0.8), models)[0] == "big"  # one tier more
-    assert policy.choose(result("code", complexity=0.8), models[:3])[0] == "d"  # nothing covers it
-
-
-def test_repo_routing_config_loads_and_names_real_models() -> None:
-    from serve_app.catalog import load_catalog
-
-    policy = RoutingPolicy.load(REPO / "configs" / "routing.yaml")
-    catalog = load_catalog(REPO / "configs" / "models.yaml", REPO / "configs" / "providers.yaml")
-    named = {policy.default, *(m for ms in policy.categories.values() for m in ms)}
-    assert named <= {m.id for m in catalog.models}
-    assert set(policy.categories) == set(CATEGORIES) and set(policy.tiers) == set(CATEGORIES)

@@ -20,7 +20,7 @@ from serve_app.api.metering import Meter, with_stream_usage
 from serve_app.api.middleware import annotate, when_done
 from serve_app.catalog import ModelSpec
 from serve_app.classifier import Conversation
-from serve_app.errors import ModelNotFound
+from serve_app.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from serve_app.gateway import Gateway
 from serve_app.infer import run_infer
 from serve_app.keystore import KeyInfo
@@ -35,16 +35,20 @@ from serve_app.schemas import (
 )
 
 router = APIRouter()
+UNCLASSIFIED = "unclassified"  # x-iir-category while the classifier is down and auto took the default
 
 
 def _route_headers(request: Request, route: Route) -> dict[str, str]:
     """Also notes the route for the request's log line."""
     annotate(request.scope, model=route.spec.id)
     headers = {"x-iir-model": route.spec.id}
-    if route.classification is not None:
-        annotate(request.scope, category=route.classification.category)
-        headers["x-iir-category"] = route.classification.category
-        headers["x-iir-confidence"] = f"{route.classification.confidence:.3f}"
+    if route.decision is not None:
+        result = route.decision.classification
+        category = result.category if result is not None else UNCLASSIFIED
+        annotate(request.scope, category=category)
+        headers["x-iir-category"] = category
+        if result is not None:
+            headers["x-iir-confidence"] = f"{result.confidence:.3f}"
     return headers
 
 
@@ -161,6 +165,10 @@ async def completions(body: CompletionRequest, request: Request, gateway: Gatewa
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request, gateway: GatewayDep,
                      key: InferenceKey) -> Response:
+    if body.model in AUTO_MODELS:
+        # Vectors from different models can't be compared: picking one per request would corrupt indexes.
+        raise InvalidRequest('model "auto" routes chat and completions; embeddings need a named model '
+                             "(GET /v1/models lists them by task)", param="model", code="model_not_supported")
     limit_headers = await gateway.limiter.check(key)
     route = await gateway.router.resolve(body.model, [])
     release = await _admit(request, gateway, route, key)
@@ -196,14 +204,19 @@ def _model_card(gateway: Gateway, spec: ModelSpec) -> dict[str, Any]:
 
 
 @router.post("/v1/classify")
-async def classify(body: ClassifyRequest, gateway: GatewayDep, key: InferenceKey) -> dict[str, Any]:
+async def classify(body: ClassifyRequest, gateway: GatewayDep, key: InferenceKey) -> Response:
     """What ``model: "auto"`` would do with this conversation, without calling a model."""
+    limit_headers = await gateway.limiter.check(key)  # it costs the Classifier's CPU like a model call
     conversation = [("user", body.input)] if body.input is not None else [
         (m.role, m.text()) for m in body.messages or []]
     decision = await gateway.router.decide(conversation)
     result = decision.classification
-    return {"category": result.category, "confidence": result.confidence, "complexity": result.complexity,
-            "model": decision.model, "reason": decision.reason, "scores": result.scores}
+    if result is None:
+        raise ServiceUnavailable(f"the classifier is unavailable; model \"auto\" takes {decision.model} "
+                                 "meanwhile", code="classifier_unavailable", headers={"Retry-After": "5"})
+    return _json({"category": result.category, "confidence": result.confidence,
+                  "complexity": result.complexity, "model": decision.model, "reason": decision.reason,
+                  "scores": result.scores}, dict(limit_headers))
 
 
 @router.post("/infer")

@@ -32,7 +32,7 @@ async def test_auto_streams_too(client: httpx.AsyncClient, auth_headers: dict[st
     async with client.stream("POST", "/v1/chat/completions", headers=auth_headers,
                              json={**chat("auto", CODE), "stream": True}) as r:
         assert r.status_code == 200
-        assert r.headers["x-iir-model"] == "fake/echo-code"
+        assert r.headers["x-iir-model"] == "fake/echo-code" and r.headers["x-iir-category"] == "code"
         body = (await r.aread()).decode()
     assert '"model":"fake/echo-code"' in body and body.rstrip().endswith("data: [DONE]")
 
@@ -73,3 +73,29 @@ async def test_classify_rejects_bad_input_with_400(client: httpx.AsyncClient, au
 
 async def test_classify_needs_a_key(client: httpx.AsyncClient) -> None:
     assert (await client.post("/v1/classify", json={"input": "hi"})).status_code == 401
+
+
+async def test_a_classifier_past_its_timeout_takes_the_default_route_then_is_skipped(
+        gateway: Gateway, client: httpx.AsyncClient, auth_headers: dict[str, str]) -> None:
+    gateway.router._classifier_timeout_s = 1e-6  # no real classification finishes in a microsecond
+    r = await client.post("/v1/chat/completions", headers=auth_headers, json=chat("auto", CODE))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-iir-category"] == "unclassified" and "x-iir-confidence" not in r.headers
+    assert r.json()["model"] == gateway.router._policy.default  # routing.yaml's default, not code's model
+    gateway.router._classifier_timeout_s = 60.0
+    # Within the back-off the classifier is not even asked: the default route at once.
+    skipped = await client.post("/v1/chat/completions", headers=auth_headers, json=chat("auto", CODE))
+    assert skipped.headers["x-iir-category"] == "unclassified"
+    down = await client.post("/v1/classify", headers=auth_headers, json={"input": CODE})
+    assert down.status_code == 503 and down.json()["error"]["code"] == "classifier_unavailable"
+    assert down.headers["retry-after"] == "5"
+    gateway.router._classifier_paused_until = 0.0  # the back-off is over
+    back = await client.post("/v1/chat/completions", headers=auth_headers, json=chat("auto", CODE))
+    assert back.headers["x-iir-category"] == "code" and back.json()["model"] == "fake/echo-code"
+
+
+async def test_auto_is_refused_for_embeddings(client: httpx.AsyncClient,
+                                              auth_headers: dict[str, str]) -> None:
+    r = await client.post("/v1/embeddings", headers=auth_headers, json={"model": "auto", "input": "hello"})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "model" and r.json()["error"]["code"] == "model_not_supported"

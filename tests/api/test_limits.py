@@ -35,6 +35,7 @@ ROUTES = [
     pytest.param("/v1/completions", {"model": "fake/echo-chat", "prompt": "a b"}, id="completions"),
     pytest.param("/v1/embeddings", {"model": "fake/echo-embed", "input": "a b"}, id="embeddings"),
     pytest.param("/infer", {"model": "fake/musicgen", "input": {"prompt": "lofi"}}, id="infer"),
+    pytest.param("/v1/classify", {"input": "write a haiku about rain"}, id="classify"),
 ]
 
 
