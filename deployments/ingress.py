@@ -8,6 +8,8 @@ exist, and where their replicas live, comes from the ``Registry``'s snapshot, fo
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -20,6 +22,8 @@ from serve_app.handles import HandleClient, ReplicaEngine
 from serve_app.registry import RegistryEntry
 from serve_app.render import model_app_name
 from serve_app.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 @serve.deployment
@@ -41,6 +45,14 @@ class Ingress:
         return create_app(self._gateway)
 
 
-def _model_handle(entry: RegistryEntry) -> InferenceEngine:
-    handle = serve.get_deployment_handle(entry.spec.deployment_name, app_name=model_app_name(entry.spec))
+def _model_handle(entry: RegistryEntry) -> InferenceEngine | None:
+    """A handle made without asking the controller: that check is a blocking ``ray.get`` on this event
+    loop and raises for an application Serve has not registered yet. If no handle can be made at all,
+    ``None``: the router answers 503 for that model while the others are applied as usual."""
+    try:
+        handle = serve.get_deployment_handle(entry.spec.deployment_name, app_name=model_app_name(entry.spec),
+                                             _check_exists=False)
+    except Exception:
+        logger.warning("no handle for %s; it answers 503 until the next snapshot", entry.id, exc_info=True)
+        return None
     return ReplicaEngine(handle)

@@ -44,9 +44,9 @@ class Registry:
             self._started = asyncio.create_task(self._registry.start())
         await asyncio.shield(self._started)
 
-    async def wait_for_change(self, version: int, timeout_s: float = 30.0) -> RegistrySnapshot:
+    async def wait_for_change(self, epoch: str, version: int, timeout_s: float = 30.0) -> RegistrySnapshot:
         await self._ready()
-        return await self._registry.wait_for_change(version, timeout_s)
+        return await self._registry.wait_for_change(epoch, version, timeout_s)
 
     async def refresh(self) -> dict[str, Any]:
         await self._ready()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
 LOCAL_ENGINES = frozenset({"llama_cpp", "sentence_transformers", "vllm"})
 REMOTE_ENGINES = frozenset({"openai", "http"})
@@ -81,6 +81,22 @@ class ModelSpec(_Strict):
     # or out with x-iir-semantic-cache: on | off.
     semantic_cache: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_owner(cls, data: Any) -> Any:
+        # ``owner`` is shown (computed from the id) and so comes back in a stored entry's JSON: accept it
+        # there when it says what the id says, refuse it anywhere else rather than ignore it.
+        if isinstance(data, dict) and "owner" in data:
+            data = dict(data)
+            owner = data.pop("owner")
+            model_id, engine = str(data.get("id", "")), data.get("engine")
+            derived = "local" if engine in LOCAL_ENGINES else (data.get("provider")
+                                                                or model_id.split("/", 1)[0])
+            if owner != derived:
+                raise ValueError(f"{model_id}: 'owner' is derived from the id and provider ({derived!r}), "
+                                 f"not set; remove it")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
         if not _ID.match(self.id):
@@ -103,6 +119,7 @@ class ModelSpec(_Strict):
     def is_local(self) -> bool:
         return self.engine in LOCAL_ENGINES
 
+    @computed_field  # type: ignore[prop-decorator]  # shown in GET /v1/registry and the DB copy
     @property
     def owner(self) -> str:
         return "local" if self.is_local else str(self.provider)
@@ -110,6 +127,12 @@ class ModelSpec(_Strict):
     @property
     def upstream_name(self) -> str:
         return self.source or self.id.split("/", 1)[1]
+
+    @property
+    def app_slug(self) -> str:
+        """What names the model's Serve application (``iir-model-<app_slug>``): two local models with the
+        same one would overwrite each other's application."""
+        return slug(self.id.split("/", 1)[1])
 
     @property
     def deployment_name(self) -> str:
@@ -137,6 +160,12 @@ class Catalog(_Strict):
         dupes = {i for i in ids if ids.count(i) > 1}
         if dupes:
             raise ValueError(f"duplicate model ids: {sorted(dupes)}")
+        apps: dict[str, str] = {}
+        for m in self.local_models:
+            if m.app_slug in apps:
+                raise ValueError(f"local models {apps[m.app_slug]} and {m.id} would share one Serve "
+                                 f"application ({m.app_slug}); rename one")
+            apps[m.app_slug] = m.id
         names = {p.name for p in self.providers}
         for m in self.models:
             if not m.is_local and m.provider not in names:
@@ -154,6 +183,12 @@ class Catalog(_Strict):
     @property
     def local_models(self) -> list[ModelSpec]:
         return [m for m in self.models if m.is_local]
+
+
+def slug(name: str) -> str:
+    """Lower-case, runs of anything but ``a-z0-9._-`` become one ``-``; never empty."""
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")
+    return cleaned or "model"
 
 
 class CatalogError(ValueError):

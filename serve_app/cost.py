@@ -8,7 +8,9 @@ Local models: the hourly price of what one replica reserves, divided by what it 
 
 ``tokens_per_s`` is the model's measured single-stream decode speed (``models.yaml``; the packaged
 SmolLM2 was measured at 61 tok/s on one thread here). Single-stream speed makes this an upper bound:
-batched GPU engines produce many times more per replica under load. The hourly prices are on-demand
+batched GPU engines produce many times more per replica under load. Without a measured speed (or a
+declared price) the cost is ``None``, unknown: a guessed speed would be off by orders of magnitude
+between models, and cost-aware routing would trust it. The hourly prices are on-demand
 cloud list prices, rounded (``docs/ARCHITECTURE.md``, "Model cost"); set ``IIR_CPU_HOUR_USD`` or a
 model's own ``cost_per_1k_tokens`` where your prices differ.
 """
@@ -23,7 +25,6 @@ GPU_HOUR_USD: dict[str, float] = {
     "A100": 3.00, "A100-40G": 3.00, "A100-80G": 4.00, "H100": 5.00, "H200": 6.50, "B200": 9.00,
 }
 DEFAULT_GPU_HOUR_USD = 2.00  # a GPU of unknown type
-ASSUMED_GPU_TOKENS_PER_S = 1000.0  # vLLM, small model, batched: used only when none is measured
 
 
 def hourly_usd(spec: ModelSpec, *, cpu_hour_usd: float = CPU_HOUR_USD) -> float:
@@ -38,7 +39,6 @@ def cost_per_1k_tokens(spec: ModelSpec, *, cpu_hour_usd: float = CPU_HOUR_USD) -
         return spec.cost_per_1k_tokens
     if not spec.is_local or spec.task == "embedding":
         return None
-    speed = spec.tokens_per_s or (ASSUMED_GPU_TOKENS_PER_S if spec.resources.num_gpus else None)
-    if speed is None:
+    if spec.tokens_per_s is None:
         return None
-    return round(hourly_usd(spec, cpu_hour_usd=cpu_hour_usd) / (speed * 3600) * 1000, 6)
+    return round(hourly_usd(spec, cpu_hour_usd=cpu_hour_usd) / (spec.tokens_per_s * 3600) * 1000, 6)

@@ -5,7 +5,10 @@
   from the environment.
 
 Declared models always win: a discovered model whose id is already declared is dropped, so
-``models.yaml`` can pin resources or a price for a model that discovery also finds.
+``models.yaml`` can pin resources or a price for a model that discovery also finds. A discovered local
+model whose id differs but whose Serve application name would be the same (``local/Tiny-Chat``
+declared, ``tiny-chat.gguf`` found: both ``iir-model-tiny-chat``) is kept in the list as a
+``conflict``, which the registry shows ``unavailable`` with the reason and never deploys.
 """
 
 from __future__ import annotations
@@ -34,12 +37,17 @@ class Discovered:
     specs: list[tuple[ModelSpec, Origin]]
     # Discovery that failed, by source ("provider fake", "models_dir"): shown in the refresh diff.
     errors: dict[str, str] = field(default_factory=dict)
+    # Providers whose /models failed this time (the registry keeps what they listed last time).
+    failed_providers: frozenset[str] = frozenset()
+    # Discovered models that must not be deployed, by id: why (an application name already taken).
+    conflicts: dict[str, str] = field(default_factory=dict)
 
 
 async def discover(declared: Iterable[ModelSpec], providers: Iterable[ProviderSpec], *,
                    models_dir: Path | None, timeout_s: float = 5.0) -> Discovered:
     specs: dict[str, tuple[ModelSpec, Origin]] = {m.id: (m, "config") for m in declared}
     errors: dict[str, str] = {}
+    failed: set[str] = set()
     if models_dir is not None:
         if not models_dir.is_dir():
             errors["models_dir"] = f"{models_dir} is not a directory"
@@ -53,10 +61,28 @@ async def discover(declared: Iterable[ModelSpec], providers: Iterable[ProviderSp
         for provider, listing in zip(wanted, listings, strict=True):
             if isinstance(listing, BaseException):
                 errors[f"provider {provider.name}"] = _describe(listing)
+                failed.add(provider.name)
                 continue
             for spec in listing:
                 specs.setdefault(spec.id, (spec, "provider"))
-    return Discovered(list(specs.values()), errors)
+    found = list(specs.values())
+    return Discovered(found, errors, frozenset(failed), _app_conflicts(found))
+
+
+def _app_conflicts(found: list[tuple[ModelSpec, Origin]]) -> dict[str, str]:
+    """Discovered local models whose application name a declared one (or an earlier find) already has:
+    deploying both would make one application overwrite the other."""
+    owners: dict[str, str] = {}
+    conflicts: dict[str, str] = {}
+    # Declared first: models.yaml wins (it has no collisions of its own: the catalog refuses them).
+    for spec, _ in sorted(found, key=lambda item: item[1] != "config"):
+        if not spec.is_local:
+            continue
+        taken_by = owners.setdefault(spec.app_slug, spec.id)
+        if taken_by != spec.id:
+            conflicts[spec.id] = (f"its Serve application name ({spec.app_slug}) is taken by {taken_by}; "
+                                  f"rename the file or folder")
+    return conflicts
 
 
 async def provider_models(provider: ProviderSpec, client: httpx.AsyncClient) -> list[ModelSpec]:

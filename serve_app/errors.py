@@ -5,6 +5,7 @@
     │   ├── UnsupportedParameter 400 invalid_request_error / unsupported_parameter
     │   └── MethodNotAllowed    405 invalid_request_error / method_not_allowed
     ├── ValidationFailed        422 invalid_request_error
+    │   └── InvalidConfig       422 invalid_request_error / invalid_config (models.yaml, providers.yaml)
     ├── AuthenticationFailed    401 authentication_error / invalid_api_key
     ├── PermissionDenied        403 permission_error
     ├── NotFound                404 invalid_request_error / not_found
@@ -70,6 +71,13 @@ class ValidationFailed(IIRError):
     status_code = 422
     type = "invalid_request_error"
     code = "invalid_value"
+
+
+class InvalidConfig(ValidationFailed):
+    """A config file an operator asked to apply (``POST /v1/registry/refresh``) is invalid; the message
+    names the file and the problem, and nothing was changed."""
+
+    code = "invalid_config"
 
 
 class AuthenticationFailed(IIRError):

@@ -16,6 +16,11 @@ GPU memory estimate (GiB), ``estimate_gpu_memory_gb``:
 A node offers ``gpu_memory_gb × num_gpus × gpu_memory_utilization`` (vLLM's share, from
 ``engine_options``, default 0.9 for vLLM and 1.0 for other engines). Nodes whose GPU memory is unknown
 are given the benefit of the doubt.
+
+A model whose files are there but unusable (a ``config.json`` that is not JSON, not an object, or whose
+sizes are not positive whole numbers; a ``max_model_len`` that is not a number) raises
+``ModelSourceError``: the registry lists that one model ``unavailable`` with the message, and the
+engine is never started on it.
 """
 
 from __future__ import annotations
@@ -42,12 +47,18 @@ class FitResult:
     node_ids: list[str] = field(default_factory=list)
 
 
+class ModelSourceError(ValueError):
+    """A local model's source exists but cannot be used as it is; the message says which file and why."""
+
+
 def estimate_gpu_memory_gb(spec: ModelSpec, path: Path) -> float:
     """GPU memory the model needs on the GPUs of one replica; formula in the module docstring."""
     if path.is_file():
         return round(path.stat().st_size * OVERHEAD / _GIB, 3)
     weights = _weight_bytes(path)
-    kv = _kv_cache_bytes(path / "config.json", spec.engine_options.get("max_model_len"))
+    # Read even when no KV cache is counted: the engine would fail on a broken config.json anyway.
+    config = read_model_config(path / "config.json")
+    kv = _kv_cache_bytes(config, spec.engine_options.get("max_model_len"))
     return round((weights * OVERHEAD + kv) / _GIB, 3)
 
 
@@ -60,28 +71,60 @@ def _weight_bytes(folder: Path) -> int:
     return 0
 
 
-def _kv_cache_bytes(config_path: Path, max_model_len: Any) -> int:
-    if not max_model_len or not config_path.exists():
+_SIZES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` (the language model's part of a multimodal one), with the sizes the
+    KV cache is computed from checked; ``{}`` when the folder has none."""
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:  # unreadable, a directory, not UTF-8, not JSON
+        raise ModelSourceError(f"{path}: cannot be read as JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    text = config.get("text_config", config)  # multimodal configs nest the language model's
+    if not isinstance(text, dict):
+        raise ModelSourceError(f"{path}: text_config is not a JSON object")
+    for key in _SIZES:
+        value = text.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ModelSourceError(f"{path}: {key} is {value!r}, not a positive whole number")
+    return text
+
+
+def _kv_cache_bytes(config: dict[str, Any], max_model_len: Any) -> int:
+    if not max_model_len:
         return 0
-    config = json.loads(config_path.read_text())
-    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    try:
+        tokens = int(max_model_len)
+    except (TypeError, ValueError) as exc:
+        raise ModelSourceError(f"engine_options.max_model_len is {max_model_len!r}, not a whole number") \
+            from exc
     layers = config.get("num_hidden_layers")
     heads = config.get("num_attention_heads")
     if not layers or not heads:
         return 0
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
-    return int(2 * layers * kv_heads * head_dim * int(max_model_len) * KV_BYTES_PER_VALUE)
+    return int(2 * layers * kv_heads * head_dim * tokens * KV_BYTES_PER_VALUE)
 
 
 def estimate_for(spec: ModelSpec) -> float | None:
-    """The estimate from the spec's source, or ``None`` for remote models and missing files."""
+    """The estimate from the spec's source, or ``None`` for remote models and missing files; raises
+    ``ModelSourceError`` for files that are there but unusable."""
     if not spec.is_local or not spec.source:
         return None
     try:
-        return estimate_gpu_memory_gb(spec, resolve_source(spec.source))
-    except (FileNotFoundError, ValueError):
+        path = resolve_source(spec.source)
+    except FileNotFoundError:
         return None
+    try:
+        return estimate_gpu_memory_gb(spec, path)
+    except OSError as exc:  # a weights file or folder that cannot be listed or sized
+        raise ModelSourceError(f"{path}: {exc}") from exc
 
 
 def check_fit(spec: ModelSpec, nodes: Sequence[NodeInfo], *, estimate_gb: float | None = None) -> FitResult:

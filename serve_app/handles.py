@@ -6,17 +6,28 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
-from ray.exceptions import RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from serve_app.errors import IIRError
+from serve_app.errors import IIRError, ServiceUnavailable
 from serve_app.schemas import EmbeddingRequest, GenerateRequest
 
+# What Serve raises when the deployment is gone (deleted by a refresh), its replica died mid-call, or
+# its queue is full: the caller gets a 503 to retry, not a 500.
+HOP_FAILURES = (DeploymentUnavailableError, ActorDiedError, ActorUnavailableError, BackPressureError)
 
-def _unwrap(exc: RayTaskError) -> BaseException:
-    """Re-raise our own errors as themselves so they keep their HTTP status across the hop."""
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Our own errors re-raised as themselves, so they keep their HTTP status across the hop; Serve's
+    unavailability as a 503."""
     cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, IIRError) else exc
+    if isinstance(cause, IIRError):
+        return cause
+    if isinstance(exc, HOP_FAILURES):
+        return ServiceUnavailable(f"the deployment is unavailable ({type(exc).__name__}); retry shortly",
+                                  headers={"Retry-After": "1"}, reason="replica_unavailable")
+    return exc
 
 
 class HandleClient:
@@ -31,7 +42,7 @@ class HandleClient:
         async def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 return await method.remote(*args, **kwargs)
-            except RayTaskError as exc:
+            except (RayTaskError, *HOP_FAILURES) as exc:
                 raise _unwrap(exc) from None
 
         return call
@@ -53,7 +64,7 @@ class ReplicaEngine:
             chunks = cast(DeploymentResponseGenerator, self._streaming.stream.remote(request))
             async for chunk in chunks:
                 yield chunk
-        except RayTaskError as exc:
+        except (RayTaskError, *HOP_FAILURES) as exc:
             raise _unwrap(exc) from None
 
     async def embed(self, request: EmbeddingRequest) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import logging
 import re
 from pathlib import Path
 
-from serve_app.catalog import Autoscaling, ModelSpec, Resources, Task
+from serve_app.catalog import Autoscaling, ModelSpec, Resources, Task, slug
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,3 @@ def hf_spec(folder: Path) -> ModelSpec:
 def task_from_name(name: str) -> Task:
     return "embedding" if "embed" in name.lower() else "chat"
 
-
-def slug(name: str) -> str:
-    """Lower-case, runs of anything but ``a-z0-9._-`` become one ``-``; never empty."""
-    cleaned = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")
-    return cleaned or "model"

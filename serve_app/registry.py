@@ -4,11 +4,20 @@ deployed, watched, persisted, and handed to every ingress replica as one version
     refresh():  declared catalog ─┐
                 models directory ─┼─▶ specs ─▶ fit check (nodes) ─▶ replicas.apply(local specs that fit)
                 providers' /models┘                                 store.save(snapshot), notify
+                                                                    then drain the models that left
     watch loop: replicas.states() every ``poll_s`` ─▶ loading → available, failures → unavailable
 
 Ingresses follow the snapshot with ``wait_for_change`` (a long poll), so no request reads the DB and a
-refresh reaches every ingress replica within one round trip. The DB copy is for restarts and for
-operators (``GET /v1/registry``); losing the DB loses nothing the next refresh cannot rebuild.
+refresh reaches every ingress replica within one round trip. A snapshot is named by ``(epoch,
+version)``: the epoch is new with each start of the registry, whose versions restart then, so a
+follower takes any snapshot of a new epoch and orders versions only within one. The DB copy is for
+restarts and for operators (``GET /v1/registry``); losing the DB loses nothing the next refresh cannot
+rebuild.
+
+One bad input spoils only itself: a broken ``models.yaml`` fails the refresh with ``InvalidConfig`` and
+leaves the current snapshot in force; a model that cannot be assessed or deployed is listed
+``unavailable`` with the reason while the others go ahead; a provider whose ``/models`` fails keeps the
+models it listed last time (marked stale) until it answers again.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -24,10 +34,11 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, Field
 
 from serve_app import metrics
-from serve_app.catalog import Catalog, ModelSpec, ProviderSpec, resolve_source
+from serve_app.catalog import Catalog, CatalogError, ModelSpec, ProviderSpec, resolve_source
 from serve_app.cost import CPU_HOUR_USD, cost_per_1k_tokens
-from serve_app.discovery import Origin, discover
-from serve_app.fit import check_fit, estimate_for
+from serve_app.discovery import Discovered, Origin, discover
+from serve_app.errors import InvalidConfig
+from serve_app.fit import ModelSourceError, check_fit, estimate_for
 from serve_app.hardware import NodeInfo
 
 logger = logging.getLogger(__name__)
@@ -51,6 +62,10 @@ class ReplicaManager(Protocol):
         """Run exactly ``wanted``; the states right after (new deployments are loading)."""
         ...
     async def states(self) -> dict[str, ReplicaState]: ...
+    async def drain_removed(self) -> None:
+        """Stop the models that left ``wanted``. Called once the snapshot without them is published, so
+        ingresses stop routing to a model before its application goes."""
+        ...
 
 
 class RegistryEntry(BaseModel):
@@ -74,6 +89,7 @@ class RegistryEntry(BaseModel):
 
 
 class RegistrySnapshot(BaseModel):
+    epoch: str = Field("", description="new with each start of the registry; versions restart with it")
     version: int = 0
     entries: list[RegistryEntry] = Field(default_factory=list)
     providers: list[ProviderSpec] = Field(default_factory=list)
@@ -112,7 +128,8 @@ class ModelRegistry:
         self._poll_s = poll_s
         self._idle_poll_s = max(poll_s, idle_poll_s)
         self._discovery_timeout_s = discovery_timeout_s
-        self._snapshot = RegistrySnapshot()
+        self.epoch = uuid.uuid4().hex
+        self._snapshot = RegistrySnapshot(epoch=self.epoch)
         self._changed = asyncio.Condition()
         self._refresh_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
@@ -122,13 +139,20 @@ class ModelRegistry:
         """Serve the persisted list at once, then discover; a failed first refresh is retried by the
         watch loop rather than keeping the registry (and every ingress) down."""
         try:
-            persisted = await self._load_persisted()
-            if persisted:
-                await self._publish(persisted, self._source(), nodes=[])
+            await self.serve_persisted()
             await self.refresh()
         except Exception:
             logger.exception("first registry refresh failed; serving the persisted list, retrying")
         self._watcher = asyncio.create_task(self._watch())
+
+    async def serve_persisted(self) -> bool:
+        """Publish the DB copy, if there is one, before discovery runs: a restarted registry serves the
+        last list at once, discovered models included, even while a provider or the models dir is away."""
+        persisted = await self._load_persisted()
+        if not persisted:
+            return False
+        await self._publish(persisted, self._declared(), nodes=[])
+        return True
 
     async def stop(self) -> None:
         if self._watcher:
@@ -138,12 +162,17 @@ class ModelRegistry:
     def snapshot(self) -> RegistrySnapshot:
         return self._snapshot
 
-    async def wait_for_change(self, version: int, timeout_s: float = 30.0) -> RegistrySnapshot:
-        """The snapshot as soon as its version differs from ``version`` (or the current one at timeout)."""
+    async def wait_for_change(self, epoch: str, version: int, timeout_s: float = 30.0) -> RegistrySnapshot:
+        """The snapshot as soon as it is not the caller's ``(epoch, version)``, or the current one at
+        timeout. Never early with nothing published yet: an empty list must not replace a follower's."""
+
+        def changed() -> bool:
+            now = self._snapshot
+            return now.version > 0 and (now.epoch != epoch or now.version != version)
+
         async with self._changed:
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self._snapshot.version != version),
-                                       timeout_s)
+                await asyncio.wait_for(self._changed.wait_for(changed), timeout_s)
             except TimeoutError:
                 pass
         return self._snapshot
@@ -154,26 +183,51 @@ class ModelRegistry:
         async with self._refresh_lock:
             timer = _StepTimer()
             before = self._snapshot
-            declared = self._source()
+            declared = self._declared()
             nodes = await self._replicas.nodes() + self._launchable
             timer.step("nodes")
             found = await discover(declared.models, declared.providers, models_dir=self._models_dir,
                                    timeout_s=self._discovery_timeout_s)
             timer.step("discovery")
+            stale = {e.id: e for e in _stale_listings(before, found)}
             providers = {p.name: p for p in declared.providers}
-            entries = [await self._assess(spec, origin, nodes, providers) for spec, origin in found.specs]
+            entries = [await self._assess_one(spec, origin, nodes, providers, found.conflicts)
+                       for spec, origin in [*found.specs, *((e.spec, e.origin) for e in stale.values())]]
+            entries = [_mark_stale(e, found.errors) if e.id in stale else e for e in entries]
             timer.step("fit")
             states = await self._replicas.apply({e.id: e.spec for e in entries
                                                  if e.spec.is_local and e.status != "unavailable"})
             entries = _merge_states(entries, states)
             timer.step("apply")
             after = await self._publish(entries, declared, nodes)
+            await self._replicas.drain_removed()  # only now that the snapshot without them is out
             timer.step("publish")
             diff = registry_diff(before, after)
-            diff["errors"] = found.errors
+            diff["errors"] = _errors(found, list(stale.values()))
             diff["took_ms"] = timer.steps
             logger.info("registry refreshed: %s", {k: v for k, v in diff.items() if k != "models"})
             return diff
+
+    def _declared(self) -> Catalog:
+        try:
+            return self._source()
+        except CatalogError as exc:  # the operator's edit is refused; what is served stays as it is
+            raise InvalidConfig(f"the model catalog is invalid, nothing was changed: {exc}") from exc
+
+    async def _assess_one(self, spec: ModelSpec, origin: Origin, nodes: list[NodeInfo],
+                          providers: Mapping[str, ProviderSpec],
+                          conflicts: Mapping[str, str]) -> RegistryEntry:
+        """One model's entry; whatever goes wrong with it makes it unavailable, not the refresh fail."""
+        if spec.id in conflicts:
+            return RegistryEntry(spec=spec, origin=origin, status="unavailable", reason=conflicts[spec.id])
+        try:
+            return await self._assess(spec, origin, nodes, providers)
+        except ModelSourceError as exc:
+            return RegistryEntry(spec=spec, origin=origin, status="unavailable", reason=str(exc))
+        except Exception as exc:
+            logger.warning("registry: could not assess %s", spec.id, exc_info=True)
+            return RegistryEntry(spec=spec, origin=origin, status="unavailable",
+                                 reason=f"could not be assessed: {type(exc).__name__}: {exc}")
 
     async def _assess(self, spec: ModelSpec, origin: Origin, nodes: list[NodeInfo],
                       providers: Mapping[str, ProviderSpec]) -> RegistryEntry:
@@ -207,9 +261,14 @@ class ModelRegistry:
                 if not self._snapshot.refreshed_at:
                     await self.refresh()
                     continue
+                read_at = self._snapshot.version
                 states = await self._replicas.states()
                 async with self._refresh_lock:
                     current = self._snapshot
+                    if current.version != read_at:
+                        # A refresh published while the states were read: they may describe models it
+                        # removed or made unavailable; the next tick reads again.
+                        continue
                     merged = _merge_states(current.entries, states)
                     if merged != current.entries:
                         await self._publish(merged, None, None)
@@ -234,7 +293,7 @@ class ModelRegistry:
                        nodes: list[NodeInfo] | None) -> RegistrySnapshot:
         old = self._snapshot
         snapshot = RegistrySnapshot(
-            version=old.version + 1, entries=sorted(entries, key=lambda e: e.id),
+            epoch=self.epoch, version=old.version + 1, entries=sorted(entries, key=lambda e: e.id),
             providers=declared.providers if declared else old.providers,
             default_model=declared.default_model if declared else old.default_model,
             nodes=[n.to_dict() for n in nodes] if nodes is not None else old.nodes,
@@ -279,6 +338,30 @@ class _StepTimer:
         now = time.perf_counter()
         self.steps[name] = round((now - self._last) * 1000, 1)
         self._last = now
+
+
+def _stale_listings(before: RegistrySnapshot, found: Discovered) -> list[RegistryEntry]:
+    """What a provider whose ``/models`` failed this time listed last time: a blip must not take its
+    models from every ingress. A later good answer is what removes them."""
+    listed = {spec.id for spec, _ in found.specs}
+    return [e for e in before.entries if e.origin == "provider" and e.spec.provider in found.failed_providers
+            and e.id not in listed]
+
+
+def _mark_stale(entry: RegistryEntry, errors: Mapping[str, str]) -> RegistryEntry:
+    if entry.reason is not None:
+        return entry
+    why = errors.get(f"provider {entry.spec.provider}", "it failed")
+    return entry.model_copy(update={
+        "reason": f"stale: kept from {entry.spec.provider}'s last good /models listing ({why})"})
+
+
+def _errors(found: Discovered, stale: list[RegistryEntry]) -> dict[str, str]:
+    errors = dict(found.errors)
+    for name in sorted({str(e.spec.provider) for e in stale}):
+        kept = sorted(e.id for e in stale if e.spec.provider == name)
+        errors[f"provider {name}"] += f"; kept stale until it answers again: {', '.join(kept)}"
+    return errors
 
 
 def _merge_states(entries: list[RegistryEntry], states: Mapping[str, ReplicaState]) -> list[RegistryEntry]:

@@ -4,6 +4,10 @@ A long poll (``wait_for_change``) brings each new snapshot as soon as the Regist
 every ingress replica sees a refresh within one round trip and no request waits on the registry.
 Engines are rebuilt only for what changed: remote clients when the remote models or providers change
 (the old clients are closed once requests in flight can have finished), local handles per model.
+
+Snapshots are ordered by version within one epoch (one start of the Registry). A restarted Registry
+starts a new epoch at version 1: its snapshot is taken whatever version this replica had, and the long
+poll then waits on the new epoch's versions instead of being answered at once forever.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ LocalEngineFactory = Callable[[RegistryEntry], InferenceEngine | None]
 class RegistrySource(Protocol):
     """The Registry deployment's handle, or the in-process ``ModelRegistry``."""
 
-    async def wait_for_change(self, version: int, timeout_s: float = ...) -> RegistrySnapshot: ...
+    async def wait_for_change(self, epoch: str, version: int, timeout_s: float = ...) -> RegistrySnapshot: ...
     async def refresh(self) -> dict[str, Any]: ...
 
 
@@ -48,7 +52,7 @@ class RegistryFollower:
 
     async def start(self) -> None:
         try:
-            self.apply(await self._registry.wait_for_change(-1, 0))
+            self.apply(await self._registry.wait_for_change(self.snapshot.epoch, self.snapshot.version, 0))
         except Exception:
             logger.warning("registry not reachable yet; following it in the background", exc_info=True)
         self._task = asyncio.create_task(self._follow())
@@ -64,11 +68,11 @@ class RegistryFollower:
     async def refresh(self) -> dict[str, Any]:
         diff = await self._registry.refresh()
         # This replica answers with the new list in hand; the others get it through their long polls.
-        self.apply(await self._registry.wait_for_change(self.snapshot.version, 0))
+        self.apply(await self._registry.wait_for_change(self.snapshot.epoch, self.snapshot.version, 0))
         return diff
 
     def apply(self, snapshot: RegistrySnapshot) -> None:
-        if snapshot.version <= self.snapshot.version and self.snapshot.version:
+        if not self.is_newer(snapshot):
             return
         catalog = snapshot.catalog()
         self._update_remote(snapshot)
@@ -87,6 +91,12 @@ class RegistryFollower:
         self._router.replace(catalog, engines, {e.id: e for e in snapshot.entries})
         self.snapshot = snapshot
 
+    def is_newer(self, snapshot: RegistrySnapshot) -> bool:
+        """Published (version 0 is a registry that has none yet), and from another epoch or later."""
+        if snapshot.version == 0:
+            return False
+        return snapshot.epoch != self.snapshot.epoch or snapshot.version > self.snapshot.version
+
     def _update_remote(self, snapshot: RegistrySnapshot) -> None:
         remote_models = [e.spec for e in snapshot.entries if not e.spec.is_local]
         key = repr(([m.model_dump() for m in remote_models], [p.model_dump() for p in snapshot.providers]))
@@ -97,12 +107,15 @@ class RegistryFollower:
         self._remote_key = key
         if previous is not None:
             # Requests in flight still hold the old clients: close them once those can have finished.
-            self._retired.add(asyncio.create_task(_close_later(previous, self._settings.upstream_timeout_s)))
+            task = asyncio.create_task(_close_later(previous, self._settings.upstream_timeout_s))
+            self._retired.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(self._retired.discard)
 
     async def _follow(self) -> None:
         while True:
             try:
-                self.apply(await self._registry.wait_for_change(self.snapshot.version, self._long_poll_s))
+                self.apply(await self._registry.wait_for_change(self.snapshot.epoch, self.snapshot.version,
+                                                                self._long_poll_s))
             except asyncio.CancelledError:
                 raise
             except Exception:

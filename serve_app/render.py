@@ -21,7 +21,6 @@ from typing import Any
 import yaml
 
 from serve_app.catalog import Catalog, ModelSpec, load_catalog
-from serve_app.models_dir import slug
 
 HEADER = """\
 # Deploy with: serve deploy serve_config.yaml  (against `ray start --head`; see docs/SETUP.md).
@@ -115,4 +114,4 @@ def render_from_files(models_config: Path, providers_config: Path | None,
 
 def model_app_name(spec: ModelSpec) -> str:
     """The Serve application of one local model (also what the ingress's handles name)."""
-    return MODEL_APP_PREFIX + slug(spec.id.split("/", 1)[1])
+    return MODEL_APP_PREFIX + spec.app_slug

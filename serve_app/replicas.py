@@ -59,6 +59,9 @@ class InProcessReplicas:
         states |= {m: ReplicaState(status="unavailable", message=why) for m, why in self._failed.items()}
         return states
 
+    async def drain_removed(self) -> None:
+        return None  # in-process, ``apply`` already retired the engines that left ``wanted``
+
     def engine(self, model_id: str) -> InferenceEngine | None:
         return self._engines.get(model_id)
 

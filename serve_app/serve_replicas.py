@@ -12,6 +12,10 @@ application has no route prefix: only the ingress reaches it, through a handle.
 Each deployment carries the registry's ``ray_actor_options`` (``num_cpus``, ``num_gpus``,
 ``accelerator_type``), ``max_ongoing_requests`` and ``autoscaling_config``, so Ray places replicas on
 nodes that have what the model needs and Serve scales them between the registry's bounds.
+
+A model whose deploy call fails is reported ``unavailable`` with the error and retried on the next
+refresh; the other models are deployed all the same. Applications of models that left the registry
+are deleted by ``drain_removed``, which the registry calls after publishing the snapshot without them.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ from serve_app.render import model_app_name
 
 logger = logging.getLogger(__name__)
 
+
 class ServeReplicas:
     def __init__(self, build: Callable[[ModelSpec], Application]) -> None:
         self._build = build
         self._deployed: dict[str, ModelSpec] = {}  # what this manager (or its predecessor) deployed
         self._wanted: dict[str, ModelSpec] = {}
+        self._failed: dict[str, str] = {}  # model id → why its last deploy call failed
+        self._leaving: list[str] = []  # applications to delete once the registry has published
 
     def adopt(self, specs: Mapping[str, ModelSpec]) -> None:
         """After a Registry restart: the specs its predecessor deployed (from the DB copy), so unchanged
@@ -51,6 +58,7 @@ class ServeReplicas:
         status = await asyncio.to_thread(serve.status)
         existing = {name for name in status.applications if name.startswith(APP_PREFIX)}
         self._wanted = dict(wanted)
+        self._failed = {k: v for k, v in self._failed.items() if k in wanted}
         deployed_now = set()
         for model_id, spec in wanted.items():
             name = model_app_name(spec)
@@ -58,28 +66,46 @@ class ServeReplicas:
                 continue
             logger.info("deploying %s as application %s (%s)", model_id, name,
                         "update" if name in existing else "new")
-            await asyncio.to_thread(self._deploy, name, spec)
+            try:
+                await asyncio.to_thread(self._deploy, name, spec)
+            except Exception as exc:  # this model only: the others deploy and the snapshot goes out
+                logger.warning("deploying %s failed", model_id, exc_info=True)
+                self._failed[model_id] = f"deploy failed: {type(exc).__name__}: {exc}"[:500]
+                continue
+            self._failed.pop(model_id, None)
             self._deployed[model_id] = spec
             deployed_now.add(model_id)
         keep = {model_app_name(s) for s in wanted.values()}
-        for name in sorted(existing - keep):
-            logger.info("draining application %s: its model left the registry", name)
-            await asyncio.to_thread(serve.delete, name, _blocking=False)
+        self._leaving = sorted(existing - keep)
         self._deployed = {k: v for k, v in self._deployed.items() if k in wanted}
         return {model_id: ReplicaState(status="loading") if model_id in deployed_now
-                else _state(spec, status.applications.get(model_app_name(spec)))
+                else self._state(model_id, spec, status.applications)
                 for model_id, spec in wanted.items()}
+
+    async def drain_removed(self) -> None:
+        """Delete the applications of models the last ``apply`` no longer wanted (Serve drains them)."""
+        leaving, self._leaving = self._leaving, []
+        for name in leaving:
+            logger.info("draining application %s: its model left the registry", name)
+            try:
+                await asyncio.to_thread(serve.delete, name, _blocking=False)
+            except Exception:  # still listed by serve.status(): the next refresh tries again
+                logger.warning("deleting application %s failed", name, exc_info=True)
 
     async def states(self) -> dict[str, ReplicaState]:
         status = await asyncio.to_thread(serve.status)
-        return {model_id: _state(spec, status.applications.get(model_app_name(spec)))
+        return {model_id: self._state(model_id, spec, status.applications)
                 for model_id, spec in self._wanted.items()}
+
+    def _state(self, model_id: str, spec: ModelSpec, applications: Mapping[str, Any]) -> ReplicaState:
+        if model_id in self._failed:
+            return ReplicaState(status="unavailable", message=self._failed[model_id])
+        return _state(spec, applications.get(model_app_name(spec)))
 
     def _deploy(self, name: str, spec: ModelSpec) -> None:
         # serve._run with _blocking=False returns once Serve has the application, without waiting for
         # its replicas: the watch loop follows them, and a model that loads for minutes blocks nothing.
         serve._run(self._build(spec), _blocking=False, name=name, route_prefix=None)
-
 
 
 def _state(spec: ModelSpec, app: Any) -> ReplicaState:

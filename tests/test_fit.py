@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from serve_app.catalog import ModelSpec
-from serve_app.fit import check_fit, estimate_for, estimate_gpu_memory_gb
+from serve_app.fit import ModelSourceError, check_fit, estimate_for, estimate_gpu_memory_gb
 from serve_app.hardware import NodeInfo
 
 GIB = 1024**3
@@ -110,3 +110,38 @@ def test_hf_folder_estimate(tmp_path: Path, files: dict[str, int], max_model_len
 
 def test_estimate_for_missing_source_is_none() -> None:
     assert estimate_for(spec(num_gpus=1)) is None
+
+
+@pytest.mark.parametrize(("config", "max_model_len", "problem"), [
+    pytest.param(b"{not json", None, "cannot be read as JSON", id="not-json-even-without-kv-cache"),
+    pytest.param(b"\xff\xfe{}", 4096, "cannot be read as JSON", id="not-utf8"),
+    pytest.param(b"[1, 2]", 4096, "expected a JSON object, found list", id="a-list"),
+    pytest.param(b'{"text_config": 7}', 4096, "text_config is not a JSON object", id="odd-text-config"),
+    pytest.param(b'{"num_hidden_layers": "24", "num_attention_heads": 14}', 4096,
+                 "num_hidden_layers is '24', not a positive whole number", id="size-as-string"),
+    pytest.param(b'{"num_hidden_layers": 24, "num_attention_heads": 0}', 4096,
+                 "num_attention_heads is 0, not a positive whole number", id="zero-heads"),
+    pytest.param(b'{"num_hidden_layers": 24, "num_attention_heads": 14}', "lots",
+                 "engine_options.max_model_len is 'lots', not a whole number", id="bad-max-model-len"),
+])
+def test_unusable_hf_folder_is_an_error_naming_the_problem(tmp_path: Path, config: bytes,
+                                                            max_model_len: Any, problem: str) -> None:
+    (tmp_path / "config.json").write_bytes(config)
+    _sparse(tmp_path / "model.safetensors", GIB)
+    options = {"max_model_len": max_model_len} if max_model_len else {}
+    model = ModelSpec.model_validate({"id": "local/m", "engine": "vllm", "task": "chat",
+                                      "source": str(tmp_path), "engine_options": options})
+    with pytest.raises(ModelSourceError) as caught:
+        estimate_for(model)
+    assert problem in str(caught.value)
+    if max_model_len != "lots":
+        assert str(tmp_path / "config.json") in str(caught.value)
+
+
+def test_unreadable_config_json_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").mkdir()  # there, but not a file: no permissions needed to make it fail
+    _sparse(tmp_path / "model.safetensors", GIB)
+    model = ModelSpec.model_validate({"id": "local/m", "engine": "vllm", "task": "chat",
+                                      "source": str(tmp_path)})
+    with pytest.raises(ModelSourceError, match="cannot be read as JSON"):
+        estimate_for(model)

@@ -152,6 +152,10 @@ def test_rayservice_manifest_embeds_serve_config() -> None:
     limits = gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu_group["minReplicas"] == 0
     assert shape["num_gpus"] == limits["nvidia.com/gpu"] and shape["num_cpus"] == float(limits["cpu"])
+    # The group's pods land only on nodes with the GPU the fit check is told about (GPU Feature
+    # Discovery's product label, "NVIDIA-A10G" for an A10G).
+    selector = gpu_group["template"]["spec"]["nodeSelector"]
+    assert selector["nvidia.com/gpu.product"] == f"NVIDIA-{shape['accelerator_type']}"
     head = cluster["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict)
     head_env = {e["name"]: e for e in head["template"]["spec"]["containers"][0]["env"]}

@@ -80,6 +80,26 @@ async def test_registry_shows_status_cost_and_nodes(client: httpx.AsyncClient,
     entries = {e["spec"]["id"]: e for e in body["entries"]}
     assert entries["fake/echo-chat"]["status"] == "available"
     assert entries["fake/echo-chat"]["origin"] == "config"
+    assert entries["fake/echo-chat"]["spec"]["owner"] == "fake"
+    # The provider's price where models.yaml gives one; unknown (null), not 0, where it doesn't.
+    assert entries["fake/echo-code"]["cost_per_1k_tokens"] == 0.002
+    assert entries["fake/echo-chat"]["cost_per_1k_tokens"] is None
+
+
+async def test_a_broken_models_yaml_is_refused_with_422_and_the_served_list_stays(
+        gateway: Gateway, client: httpx.AsyncClient, auth_headers: dict[str, str]) -> None:
+    before = await model_ids(client, auth_headers)
+    version = (await client.get("/v1/registry", headers=auth_headers)).json()["version"]
+    gateway.settings.models_config.write_text("models: [\n")
+    r = await client.post("/v1/registry/refresh", headers=auth_headers)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_config", None)
+    assert str(gateway.settings.models_config) in error["message"] and "not valid YAML" in error["message"]
+    assert await model_ids(client, auth_headers) == before
+    assert (await client.get("/v1/registry", headers=auth_headers)).json()["version"] == version
+    hello = {"model": "fake/echo-chat", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await client.post("/v1/chat/completions", headers=auth_headers, json=hello)).status_code == 200
 
 
 async def test_registry_routes_need_an_admin(gateway: Gateway, client: httpx.AsyncClient,

@@ -31,6 +31,9 @@ MODELS = {
     "default_model": "fake/echo-chat",
     "models": [
         {"id": "fake/echo-chat", "engine": "openai", "task": "chat", "source": "echo-1"},
+        # Valid here, refused by Ray when deployed (CPU quantities go to 0.0001): a real deploy failure,
+        # listed before the others so that it comes first in the registry's deploy loop.
+        {"id": "local/too-precise", **LLAMA, "resources": {"num_cpus": 0.00001}},
         {"id": "local/gpu-chat", **LLAMA,
          "resources": {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "T4"}},
         {"id": "local/a100-chat", **LLAMA,
@@ -131,6 +134,19 @@ def test_gpu_model_is_placed_on_the_gpu_node_only(setup: Setup) -> None:
     assert nodes[setup.gpu_node_id]["num_gpus"] == 1
     assert nodes[setup.gpu_node_id]["accelerator_type"] == "T4"
     assert nodes[setup.gpu_node_id]["gpu_memory_gb"] == 16
+
+
+def test_a_model_whose_deploy_fails_is_unavailable_and_the_others_deploy(setup: Setup) -> None:
+    from ray import serve
+
+    entry = setup.wait_status("local/too-precise", "unavailable")
+    assert entry["reason"].startswith("deploy failed: ValueError: The precision of the fractional quantity")
+    assert "iir-model-too-precise" not in serve.status().applications
+    # Deployed in the same refresh, after it; and the snapshot went out (this entry is in it).
+    setup.wait_status("local/gpu-chat", "available")
+    r = setup.chat("local/too-precise")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable"
+    assert "deploy failed" in r.json()["error"]["message"]
 
 
 def test_model_too_big_for_every_node_is_unavailable_with_its_reason(setup: Setup) -> None:
