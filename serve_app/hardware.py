@@ -5,8 +5,10 @@ whether a model could ever be placed, and Ray's scheduler decides where it goes 
 
 GPU memory per device, in GiB, comes from, in order:
 
-1. NVML (``pynvml`` from ``nvidia-ml-py``), only for the node this process runs on: the smallest device's
-   total, since one replica may land on any of them;
+1. NVML (``pynvml`` from ``nvidia-ml-py``) on each GPU node, read by a zero-resource Ray task pinned to
+   that node (the Registry usually runs on a CPU head): the smallest device's total, since one replica
+   may land on any of them. Read once per node and remembered; a node that does not answer within
+   ``NVML_PROBE_TIMEOUT_S`` is asked again at the next discovery;
 2. ``GPU_MEMORY_GB`` below, keyed by Ray's accelerator type. Ray names both A100 sizes ``A100`` unless
    the node says ``A100-40G``/``A100-80G``, so a bare ``A100`` is taken as the 40 GB card: a model
    that fits it fits the 80 GB card too, and an 80 GB cluster can advertise ``A100-80G`` (or
@@ -114,20 +116,46 @@ def nvml_gpu_memory_gb() -> float | None:
         pynvml.nvmlShutdown()
 
 
+NVML_PROBE_TIMEOUT_S = 10.0
+_measured: dict[str, float | None] = {}  # node id → NVML's answer; pruned to the alive nodes
+
+
 def discover_nodes(*, probe: Callable[[], float | None] = nvml_gpu_memory_gb) -> list[NodeInfo]:
-    """The connected Ray cluster's alive nodes; the local node's GPU memory from ``probe`` (NVML)."""
+    """The connected Ray cluster's alive nodes, each GPU node's memory measured there by ``probe``."""
     import ray
 
     nodes = nodes_from_ray(ray.nodes())
-    local_id = ray.get_runtime_context().get_node_id()
-    return [_with_local_memory(n, probe) if n.node_id == local_id and n.num_gpus else n for n in nodes]
+    alive = {n.node_id for n in nodes}
+    for gone in [node_id for node_id in _measured if node_id not in alive]:
+        del _measured[gone]
+    _measured.update(_probe_nodes([n for n in nodes if n.num_gpus and n.node_id not in _measured], probe))
+    return [_with_memory(n, _measured.get(n.node_id)) for n in nodes]
 
 
-def _with_local_memory(node: NodeInfo, probe: Callable[[], float | None]) -> NodeInfo:
-    measured = probe()
-    if measured is None:
-        return node
-    return replace(node, gpu_memory_gb=measured)
+def _probe_nodes(nodes: list[NodeInfo], probe: Callable[[], float | None]) -> dict[str, float | None]:
+    """Run ``probe`` on each node at once; nodes that fail or time out are left out (asked again later)."""
+    if not nodes:
+        return {}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(num_cpus=0, max_retries=0)(probe)
+    pending = {remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False))
+               .remote(): n.node_id for n in nodes}
+    ready, not_ready = ray.wait(list(pending), num_returns=len(pending), timeout=NVML_PROBE_TIMEOUT_S)
+    for ref in not_ready:
+        ray.cancel(ref, force=True)
+    measured = {}
+    for ref in ready:
+        try:
+            measured[pending[ref]] = ray.get(ref)
+        except Exception as exc:  # a node that cannot run the probe keeps the table's figure
+            logger.warning("NVML probe failed on node %s: %s", pending[ref], exc)
+    return measured
+
+
+def _with_memory(node: NodeInfo, measured: float | None) -> NodeInfo:
+    return node if measured is None else replace(node, gpu_memory_gb=measured)
 
 
 def launchable_nodes(shapes: list[Any]) -> list[NodeInfo]:

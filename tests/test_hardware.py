@@ -6,10 +6,9 @@ import copy
 from typing import Any
 
 import pytest
-import ray
 
 from serve_app import hardware
-from serve_app.hardware import NodeInfo, accelerator_type, discover_nodes, nodes_from_ray
+from serve_app.hardware import NodeInfo, accelerator_type, nodes_from_ray
 
 HEAD_ID = "c46be046813f05566a734bd86fda9b80b81d46652d643872711e4cc7"
 GPU_ID = "9f1d7a3c5e2b4d6f8a0c1e3b5d7f9a1c3e5b7d9f1a3c5e7b9d1f3a5c"
@@ -76,25 +75,6 @@ def test_accelerator_type(resources: dict[str, float], labels: dict[str, str], e
 ])
 def test_gpu_memory_table(accel: str, memory: float | None) -> None:
     assert hardware.table_gpu_memory_gb(accel) == memory
-
-
-class _Context:
-    def get_node_id(self) -> str:
-        return GPU_ID
-
-
-@pytest.mark.parametrize(("probe", "expected"), [
-    pytest.param(lambda: 22.3, 22.3, id="nvml-measures-local-node"),
-    pytest.param(lambda: None, 24, id="no-nvml-table"),
-])
-def test_discover_nodes_measures_only_the_local_gpu_node(
-    monkeypatch: pytest.MonkeyPatch, probe: Any, expected: float
-) -> None:
-    monkeypatch.setattr(ray, "nodes", lambda: [CPU_HEAD, gpu_worker("A10G")])
-    monkeypatch.setattr(ray, "get_runtime_context", _Context)
-    head, worker = discover_nodes(probe=probe)
-    assert head.gpu_memory_gb is None
-    assert worker.gpu_memory_gb == expected
 
 
 def test_nvml_absent_is_none() -> None:

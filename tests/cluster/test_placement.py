@@ -136,6 +136,25 @@ def test_gpu_model_is_placed_on_the_gpu_node_only(setup: Setup) -> None:
     assert nodes[setup.gpu_node_id]["gpu_memory_gb"] == 16
 
 
+def test_gpu_memory_is_measured_on_each_gpu_node_not_where_discovery_runs(setup: Setup,
+                                                                         tmp_path: Path) -> None:
+    from serve_app import hardware
+
+    def probe() -> float:  # NVML's stand-in: notes the node it ran on
+        import ray
+
+        (tmp_path / ray.get_runtime_context().get_node_id()).touch()
+        return 22.5
+
+    hardware._measured.clear()
+    nodes = {n.node_id: n for n in hardware.discover_nodes(probe=probe)}
+    assert [p.name for p in tmp_path.iterdir()] == [setup.gpu_node_id]  # GPU nodes only, run there
+    assert nodes[setup.gpu_node_id].gpu_memory_gb == 22.5
+    assert all(n.gpu_memory_gb is None for node_id, n in nodes.items() if node_id != setup.gpu_node_id)
+    hardware.discover_nodes(probe=probe)  # remembered: not probed again
+    assert len(list(tmp_path.iterdir())) == 1
+
+
 def test_a_model_whose_deploy_fails_is_unavailable_and_the_others_deploy(setup: Setup) -> None:
     from ray import serve
 
