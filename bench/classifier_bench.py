@@ -3,7 +3,9 @@ what ``model: "auto"`` adds to a request over naming the model.
 
 1. **Quality** of the committed head (``configs/classifier/head.json``) on the validation split and on
    the boundary cases (``data/classifier/hard_cases.jsonl``): accuracy, macro-F1, per category, and
-   the confusion matrix.
+   the confusion matrix. **Robustness**: the validation prompts with seeded typos and lower-cased
+   without punctuation (``classifier_train.perturb``): accuracy, macro-F1, predictions that flip; and
+   accuracy on requests not in English, translation requests apart.
 2. **In-process latency**, batch 1: ``classify_many([conversation])`` on every validation prompt
    (embedding + n-grams + head), p50/p99.
 3. **Through the graph** (local Ray, the ``Classifier`` deployment with ``@serve.batch``):
@@ -11,7 +13,7 @@ what ``model: "auto"`` adds to a request over naming the model.
 4. **auto vs named**: ``/v1/chat/completions`` to a fake upstream (constant model time) naming the
    model, then with ``model: "auto"`` routed to the same model: the difference of the p50s.
 
-    .venv/bin/python bench/classifier_bench.py [--requests 300]
+    .venv/bin/python bench/classifier_bench.py [--requests 300] [--quality-only]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ CODE = "Write a Python function that checks whether a string is a palindrome"
 
 def quality() -> list[str]:
     from serve_app.classifier import CATEGORIES, ClassifierHead, EmbeddingClassifier
-    from serve_app.classifier_train import DATA_DIR, OUT_DIR, evaluate, load_dataset
+    from serve_app.classifier_train import DATA_DIR, OUT_DIR, evaluate, load_dataset, robustness
     from serve_app.embedder import OnnxEmbedder
     from serve_app.settings import Settings
 
@@ -60,6 +62,17 @@ def quality() -> list[str]:
                   + " ".join(f"{v:3d}" for v in row))
         kept = [f"{t}: {a['coverage']:.2f}/{a['accuracy_when_kept']:.3f}" for t, a in m["abstain"].items()]
         print("abstain below confidence → coverage / accuracy of the rest:", ", ".join(kept))
+    r = robustness(embedder, head, validation)
+    print(f"\nvalidation, perturbed ({r['perturbation']}):")
+    for variant in ("typos", "lowercase_no_punct"):
+        v = r[variant]
+        print(f"  {variant:18s} accuracy {v['accuracy']:.3f} macro-F1 {v['macro_f1']:.3f} "
+              f"flips {v['flips']}/{len(validation)} ({v['flips'] / len(validation):.1%})")
+    print("validation by language of the last user turn (classifier_train.non_english):")
+    for group, v in r["by_language"].items():
+        accuracy = "-" if v["accuracy"] is None else f"{v['accuracy']:.3f}"
+        print(f"  {group:26s} n={v['n']:3d} accuracy {accuracy} "
+              f"predicted translate {v['predicted_translate']}")
     classifier = EmbeddingClassifier(embedder, head)
     samples = []
     for example in validation:
@@ -106,8 +119,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--quality-only", action="store_true", help="skip the Ray parts (3 and 4)")
     args = parser.parse_args()
     texts = quality()
+    if args.quality_only:
+        return
     os.environ.update(RAY_ENV)
     with tempfile.TemporaryDirectory() as tmp, FakeUpstream() as upstream:
         env = {f"IIR_{k.upper()}": v for k, v in write_configs(Path(tmp), upstream).items()}
