@@ -67,6 +67,9 @@ class UsageRecorder:
         self._timeout_s = timeout_s
         self._max_backoff_s = max_backoff_s
         self._pending: dict[str, _Tally] = {}
+        # One flush at a time: a caller's flush() must also wait for the batch the background loop
+        # is sending, or "flushed" would return while that batch is still on its way.
+        self._flushing = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0  # consecutive failed flushes
@@ -108,6 +111,10 @@ class UsageRecorder:
 
     async def flush(self) -> bool:
         """Send everything pending, in batches of ``flush_at_keys``; False if the sink failed."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> bool:
         batch, self._pending = self._pending, {}
         items = list(batch.items())
         for start in range(0, len(items), self._flush_at_keys):

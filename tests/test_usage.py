@@ -21,10 +21,12 @@ class Sink:
     def __init__(self) -> None:
         self.batches: list[list[UsageRow]] = []
         self.failing: Exception | None = None
+        self.delay_s = 0.0  # a slow database
         self.calls = 0
 
     async def record_usage(self, batch: list[UsageRow]) -> int:
         self.calls += 1
+        await asyncio.sleep(self.delay_s)
         if self.failing is not None:
             raise self.failing
         self.batches.append(batch)
@@ -52,6 +54,18 @@ async def test_counts_are_summed_per_key_and_flushed_in_the_background() -> None
     assert sink.totals() == {"a": (2, 4, 5), "b": (1, 0, 0)}
     last_used = sink.batches[0][0][4]
     assert last_used.tzinfo is not None and last_used >= before.replace(microsecond=0)
+
+
+async def test_flush_returns_only_once_the_batch_the_background_loop_is_sending_has_landed() -> None:
+    sink = Sink()
+    sink.delay_s = 0.2
+    recorder = UsageRecorder(sink, interval_s=0.01)
+    await recorder.start()
+    recorder.record("a", prompt_tokens=2, completion_tokens=3)
+    await asyncio.sleep(0.05)  # the background loop has taken the batch and is waiting on the sink
+    assert await recorder.flush()
+    assert sink.totals() == {"a": (1, 2, 3)}  # what was recorded before flush() is in the sink
+    await recorder.stop()
 
 
 async def test_many_keys_flush_early_in_bounded_batches() -> None:
