@@ -161,6 +161,11 @@ def _steps(spec: ModelSpec, estimate_gb: float | None) -> list[_Step]:
         needed = estimate_gb
         steps.append(_Step(lambda n: _memory_ok(n, res.num_gpus, share, needed),
                            lambda ns: _memory_reason(needed, res.num_gpus, share, ns)))
+    if res.num_gpus == 0 and estimate_gb is not None:
+        # A CPU model (llama.cpp) holds its weights in the node's RAM: Ray's `memory` resource.
+        ram = estimate_gb
+        steps.append(_Step(lambda n: n.memory_gb is None or n.memory_gb >= ram,
+                           lambda ns: _ram_reason(ram, ns)))
     steps.append(_Step(lambda n: n.num_cpus >= res.num_cpus, lambda ns: _cpu_reason(res.num_cpus, ns)))
     return steps
 
@@ -198,6 +203,12 @@ def _memory_reason(needed: float, num_gpus: float, share: float, nodes: list[Nod
     offered = (best.gpu_memory_gb or 0) * num_gpus * share
     return (f"needs ~{needed:.1f} GB of GPU memory; the largest matching node offers {offered:.1f} GB "
             f"({_n(num_gpus)} × {best.gpu_memory_gb:g} GB × utilization {share:g})")
+
+
+def _ram_reason(needed: float, nodes: list[NodeInfo]) -> str:
+    most = max(n.memory_gb or 0 for n in nodes)
+    return (f"needs ~{needed:.1f} GB of memory on one node (CPU engine); the most any node offers Ray "
+            f"is {most:g} GB")
 
 
 def _cpu_reason(wanted: float, nodes: list[NodeInfo]) -> str:

@@ -16,6 +16,8 @@ GIB = 1024**3
 HEAD = NodeInfo("head", "10.0.0.1", num_cpus=4, num_gpus=0, is_head=True)
 A10G = NodeInfo("a10g", "10.0.0.2", num_cpus=8, num_gpus=1, accelerator_type="A10G", gpu_memory_gb=24)
 L4X4 = NodeInfo("l4x4", "10.0.0.3", num_cpus=16, num_gpus=4, accelerator_type="L4", gpu_memory_gb=24)
+SMALL_RAM = NodeInfo("small-ram", "10.0.0.5", num_cpus=4, num_gpus=0, memory_gb=8)
+BIG_RAM = NodeInfo("big-ram", "10.0.0.6", num_cpus=4, num_gpus=0, memory_gb=64)
 MYSTERY = NodeInfo("mystery", "10.0.0.4", num_cpus=8, num_gpus=1, accelerator_type="X1")
 
 
@@ -55,6 +57,11 @@ CPU = spec("llama_cpp", num_cpus=2)
     pytest.param(spec(num_gpus=1, num_cpus=12), [A10G, L4X4], None, True, ["l4x4"], None,
                  id="one-node-must-have-cpus-and-gpus"),
     pytest.param(CPU, [], None, False, [], "the Ray cluster has no alive nodes", id="no-nodes"),
+    pytest.param(CPU, [SMALL_RAM, BIG_RAM], 12.0, True, ["big-ram"], None, id="cpu-model-needs-ram"),
+    pytest.param(CPU, [SMALL_RAM], 12.0, False, [],
+                 "needs ~12.0 GB of memory on one node (CPU engine); the most any node offers Ray is 8 GB",
+                 id="cpu-model-too-big-for-ram"),
+    pytest.param(CPU, [HEAD], 12.0, True, ["head"], None, id="unknown-ram-never-unfit"),
 ])
 def test_check_fit(model: ModelSpec, nodes: list[NodeInfo], estimate: float | None, fits: bool,
                    node_ids: list[str], reason: str | None) -> None:
