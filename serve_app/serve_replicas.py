@@ -14,8 +14,10 @@ Each deployment carries the registry's ``ray_actor_options`` (``num_cpus``, ``nu
 nodes that have what the model needs and Serve scales them between the registry's bounds.
 
 A model whose deploy call fails is reported ``unavailable`` with the error and retried on the next
-refresh; the other models are deployed all the same. Applications of models that left the registry
-are deleted by ``drain_removed``, which the registry calls after publishing the snapshot without them.
+refresh; the other models are deployed all the same. A model application deleted behind the
+registry's back (``serve delete``) reads ``unavailable`` with that reason until a refresh deploys it
+again: the registry does not fight an operator. Applications of models that left the registry are
+deleted by ``drain_removed``, which the registry calls after publishing the snapshot without them.
 """
 
 from __future__ import annotations
@@ -100,7 +102,13 @@ class ServeReplicas:
     def _state(self, model_id: str, spec: ModelSpec, applications: Mapping[str, Any]) -> ReplicaState:
         if model_id in self._failed:
             return ReplicaState(status="unavailable", message=self._failed[model_id])
-        return _state(spec, applications.get(model_app_name(spec)))
+        name = model_app_name(spec)
+        if name not in applications and self._deployed.get(model_id) == spec:
+            # Deployed, then deleted outside the registry (`serve delete`): the operator's act stands,
+            # and says so, rather than "loading" forever; a refresh deploys it again.
+            return ReplicaState(status="unavailable", message=f"application {name} was deleted outside the "
+                                "registry; POST /v1/registry/refresh deploys it again")
+        return _state(spec, applications.get(name))
 
     def _deploy(self, name: str, spec: ModelSpec) -> None:
         # serve._run with _blocking=False returns once Serve has the application, without waiting for

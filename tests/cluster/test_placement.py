@@ -218,6 +218,33 @@ def test_gguf_dropped_in_models_dir_is_served_after_refresh_and_drained_when_gon
         time.sleep(1)
 
 
+def test_an_application_deleted_behind_the_registrys_back_is_unavailable_until_a_refresh(
+        setup: Setup) -> None:
+    from ray import serve
+
+    shutil.copyfile(resolve_source(SMOLLM), setup.models_dir / "orphan-chat.gguf")
+    requests.post(f"{setup.base_url}/v1/registry/refresh", headers=setup.headers, timeout=120)
+    setup.wait_status("local/orphan-chat", "available")
+    assert setup.chat("local/orphan-chat").status_code == 200
+    serve.delete("iir-model-orphan-chat")  # an operator's `serve delete`, or a crashed controller's loss
+    r = setup.chat("local/orphan-chat")
+    # 503 either way: the registry already says "loading", or Serve's DeploymentUnavailableError
+    # reaches the handle (serve_app/handles.py); never a 500.
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["type"] == "service_unavailable"
+    entry = setup.wait_status("local/orphan-chat", "unavailable", timeout_s=30)
+    assert "deleted outside the registry" in entry["reason"]  # not "loading" forever
+    unavailable = setup.chat("local/orphan-chat")
+    assert unavailable.status_code == 503 and "deleted outside" in unavailable.json()["error"]["message"]
+    requests.post(f"{setup.base_url}/v1/registry/refresh", headers=setup.headers, timeout=120)
+    deadline = time.monotonic() + 120
+    while (r := setup.chat("local/orphan-chat")).status_code != 200:
+        assert r.status_code == 503, r.text
+        assert time.monotonic() < deadline, "a refresh did not deploy the deleted application again"
+        time.sleep(1)
+    (setup.models_dir / "orphan-chat.gguf").unlink()
+
+
 def test_scaled_to_zero_model_answers_503_retry_after_then_serves(setup: Setup) -> None:
     entry = setup.wait_status("local/sleepy", "available")
     assert entry["replicas"] == 0
