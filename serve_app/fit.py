@@ -8,7 +8,8 @@ GPU memory estimate (GiB), ``estimate_gpu_memory_gb``:
 
 - GGUF file: file size × 1.2 (the 20 % covers llama.cpp's compute buffers and a modest context);
 - Hugging Face folder: (sum of ``*.safetensors``, or else ``*.bin``, sizes) × 1.2 for activations and
-  the CUDA context, plus a KV cache for one sequence of ``engine_options.max_model_len`` tokens:
+  the CUDA context, plus a KV cache for one sequence of ``engine_options.max_model_len`` tokens (when
+  unset, the model's ``max_position_embeddings``: vLLM's own default):
   ``2 (K and V) × num_hidden_layers × num_key_value_heads × head_dim × max_model_len × 2 bytes (fp16)``
   from ``config.json`` (``head_dim`` defaults to ``hidden_size / num_attention_heads``). vLLM refuses to
   start when not even one full-length sequence fits, which is what this allowance checks.
@@ -58,7 +59,9 @@ def estimate_gpu_memory_gb(spec: ModelSpec, path: Path) -> float:
     weights = _weight_bytes(path)
     # Read even when no KV cache is counted: the engine would fail on a broken config.json anyway.
     config = read_model_config(path / "config.json")
-    kv = _kv_cache_bytes(config, spec.engine_options.get("max_model_len"))
+    # Without max_model_len vLLM takes the model's whole context (max_position_embeddings).
+    context = spec.engine_options.get("max_model_len") or config.get("max_position_embeddings")
+    kv = _kv_cache_bytes(config, context)
     return round((weights * OVERHEAD + kv) / _GIB, 3)
 
 

@@ -101,11 +101,18 @@ def test_gguf_estimate_is_file_size_plus_20_percent(tmp_path: Path) -> None:
     pytest.param({"pytorch_model.bin": 5 * GIB}, None, 6.0, id="bin-only"),
     # 2 × 24 layers × 2 kv heads × 64 head_dim × 4096 tokens × 2 bytes = 0.046875 GiB
     pytest.param({"model.safetensors": 5 * GIB}, 4096, 6.047, id="kv-cache-for-max-model-len"),
+    # Unset max_model_len: vLLM's default, the model's whole context (max_position_embeddings 32768).
+    pytest.param({"model.safetensors": 5 * GIB, "max_position_embeddings": 32768}, None, 6.375,
+                 id="kv-cache-for-the-models-whole-context"),
+    pytest.param({"model.safetensors": 5 * GIB, "max_position_embeddings": 32768}, 4096, 6.047,
+                 id="max-model-len-overrides-the-models-context"),
 ])
 def test_hf_folder_estimate(tmp_path: Path, files: dict[str, int], max_model_len: int | None,
                             expected: float) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "hidden_size": 896}))
+    files = dict(files)
+    config = {"num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+              "hidden_size": 896, "max_position_embeddings": files.pop("max_position_embeddings", None)}
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
     for name, size in files.items():
         _sparse(tmp_path / name, size)
     options = {"max_model_len": max_model_len} if max_model_len else {}
