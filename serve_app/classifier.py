@@ -226,11 +226,6 @@ class RoutingPolicy(BaseModel):
     def load(cls, path: Path) -> RoutingPolicy:
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
 
-    def named_models(self) -> set[str]:
-        """Every model id the file names (tags aside)."""
-        lists = [*self.categories.values(), *self.when_complex.values()]
-        return {self.default} | {m for models in lists for m in models if not m.startswith(TAG_PREFIX)}
-
     def choose(self, result: Classification, candidates: Sequence[Candidate]) -> tuple[str, str]:
         """(model id, why): ``candidates`` are the available chat models."""
         category = result.category

@@ -36,6 +36,7 @@ from typing import Any, Literal, Protocol
 from redis.asyncio import Redis
 
 from serve_app import metrics
+from serve_app.backoff import Backoff
 from serve_app.catalog import ModelSpec
 from serve_app.redis_breaker import RedisBreaker, describe
 from serve_app.schemas import GenerateRequest
@@ -43,7 +44,6 @@ from serve_app.semantic_cache import Probe, SemanticLookup, SemanticQuery, seman
 
 logger = logging.getLogger(__name__)
 
-SEMANTIC_BACKOFF_S = 1.0  # the first pause after a failed semantic lookup
 HEADER = "x-iir-cache"
 MATCH_HEADER = "x-iir-cache-match"  # on a hit: exact | semantic
 SIMILARITY_HEADER = "x-iir-cache-similarity"  # on a semantic hit: the cosine similarity
@@ -97,8 +97,7 @@ class ResponseCache:
         self.store = store
         self._semantic = semantic
         self._semantic_timeout_s = semantic_timeout_s
-        self._semantic_paused_until = 0.0
-        self._semantic_backoff_s = SEMANTIC_BACKOFF_S
+        self._semantic_backoff = Backoff()
         self._scope = scope
         self._default_ttl_s = default_ttl_s
         self._max_entry_bytes = max_entry_bytes
@@ -150,7 +149,7 @@ class ResponseCache:
     async def _get_similar(self, lookup: Lookup) -> Found:
         if lookup.semantic is None or self._semantic is None:
             return Found("miss")
-        if time.monotonic() < self._semantic_paused_until:
+        if self._semantic_backoff.paused():
             return Found("miss")  # it failed a moment ago
         try:
             async with asyncio.timeout(self._semantic_timeout_s):
@@ -158,9 +157,8 @@ class ResponseCache:
         except Exception as exc:  # fail open, like Redis: a slow or broken index only costs the hit
             self._semantic_failed(exc)
             return Found("miss")
-        if self._semantic_backoff_s > SEMANTIC_BACKOFF_S:
+        if self._semantic_backoff.succeeded():
             logger.info("semantic cache lookups work again")
-            self._semantic_backoff_s = SEMANTIC_BACKOFF_S
         if probe.key is not None:
             raw = await self.store.get(probe.key)
             entry = _decode(raw) if raw is not None else None
@@ -173,11 +171,10 @@ class ResponseCache:
         not one per request."""
         self.stats.semantic_errors += 1
         metrics.CACHE_ERRORS.inc(backend="semantic")
-        if self._semantic_backoff_s == SEMANTIC_BACKOFF_S:
+        pause_s = self._semantic_backoff.pause_s
+        if self._semantic_backoff.failed():
             logger.warning("semantic cache lookup failed (%s); answering without it, retrying in %.0f s",
-                           describe(exc), self._semantic_backoff_s)
-        self._semantic_paused_until = time.monotonic() + self._semantic_backoff_s
-        self._semantic_backoff_s = min(self._semantic_backoff_s * 2, 30.0)
+                           describe(exc), pause_s)
 
     def put_later(self, lookup: Lookup, entry: dict[str, Any], probe: Probe | None = None) -> None:
         """Store off the response path; an entry larger than ``IIR_CACHE_MAX_ENTRY_BYTES`` is skipped.

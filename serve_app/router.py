@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from serve_app import metrics
+from serve_app.backoff import Backoff
 from serve_app.catalog import Catalog, ModelSpec
 from serve_app.classifier import Candidate, Classification, Conversation, RoutingPolicy
 from serve_app.engines.base import InferenceEngine
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from serve_app.registry import RegistryEntry
 
 AUTO_MODELS = frozenset({"auto", "iir/auto"})
-CLASSIFIER_BACKOFF_S, CLASSIFIER_MAX_BACKOFF_S = 1.0, 30.0
 logger = logging.getLogger(__name__)
 
 
@@ -55,8 +55,7 @@ class ModelRouter:
                  classifier_timeout_s: float = 1.0) -> None:
         self._classifier = classifier
         self._classifier_timeout_s = classifier_timeout_s
-        self._classifier_backoff_s = CLASSIFIER_BACKOFF_S
-        self._classifier_paused_until = 0.0
+        self._classifier_backoff = Backoff()
         self._policy = policy
         self._retry_after = str(retry_after_s)
         self._waking: dict[str, asyncio.Task[None]] = {}
@@ -151,7 +150,7 @@ class ModelRouter:
         return Decision(result, model, reason)
 
     async def _classify(self, conversation: Conversation) -> Classification | None:
-        if time.monotonic() < self._classifier_paused_until:
+        if self._classifier_backoff.paused():
             return None
         try:
             async with asyncio.timeout(self._classifier_timeout_s):
@@ -159,16 +158,14 @@ class ModelRouter:
         except Exception as exc:  # noqa: BLE001 - whatever broke, "auto" takes the default route
             self._classifier_failed(exc)
             return None
-        self._classifier_backoff_s = CLASSIFIER_BACKOFF_S
+        self._classifier_backoff.succeeded()
         return result
 
     def _classifier_failed(self, exc: BaseException) -> None:
-        if self._classifier_backoff_s == CLASSIFIER_BACKOFF_S:  # once per outage, not per request
+        pause_s = self._classifier_backoff.pause_s
+        if self._classifier_backoff.failed():  # once per outage, not per request
             logger.warning("classifier failed (%s); auto takes the default route for %.0f s",
-                           type(exc).__name__ if isinstance(exc, TimeoutError) else exc,
-                           self._classifier_backoff_s)
-        self._classifier_paused_until = time.monotonic() + self._classifier_backoff_s
-        self._classifier_backoff_s = min(self._classifier_backoff_s * 2, CLASSIFIER_MAX_BACKOFF_S)
+                           type(exc).__name__ if isinstance(exc, TimeoutError) else exc, pause_s)
 
     def _candidates(self) -> list[Candidate]:
         candidates = []

@@ -93,7 +93,9 @@ def test_repo_routing_config_loads_and_names_real_models() -> None:
     policy = RoutingPolicy.load(REPO / "configs" / "routing.yaml")
     catalog = load_catalog(REPO / "configs" / "models.yaml", REPO / "configs" / "providers.yaml")
     ids = {m.id for m in catalog.models}
-    assert policy.named_models() <= ids
+    lists = [*policy.categories.values(), *policy.when_complex.values()]
+    named = {policy.default} | {m for models in lists for m in models if not m.startswith("tag:")}
+    assert named <= ids
     assert set(policy.categories) == set(CATEGORIES) and set(policy.tiers) == set(CATEGORIES)
     tags = {e.removeprefix("tag:") for ms in policy.categories.values() for e in ms if e.startswith("tag:")}
     assert all(any(tag in m.tags for m in catalog.models) for tag in tags)  # every tag names some model

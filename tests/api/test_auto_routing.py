@@ -89,7 +89,7 @@ async def test_a_classifier_past_its_timeout_takes_the_default_route_then_is_ski
     down = await client.post("/v1/classify", headers=auth_headers, json={"input": CODE})
     assert down.status_code == 503 and down.json()["error"]["code"] == "classifier_unavailable"
     assert down.headers["retry-after"] == "5"
-    gateway.router._classifier_paused_until = 0.0  # the back-off is over
+    gateway.router._classifier_backoff.paused_until = 0.0  # the back-off is over
     back = await client.post("/v1/chat/completions", headers=auth_headers, json=chat("auto", CODE))
     assert back.headers["x-iir-category"] == "code" and back.json()["model"] == "fake/echo-code"
 
