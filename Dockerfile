@@ -95,7 +95,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     IIR_CACHE_DIR=/opt/iir-cache
 
 # The classifier's int8 ONNX model, exported now rather than at the first start of every container.
-RUN python -c "from pathlib import Path; from serve_app.embedder import ensure_onnx, packaged_model_dir; \
+RUN python -c "from pathlib import Path; from serve_app.routing.embedder import ensure_onnx, packaged_model_dir; \
 ensure_onnx(packaged_model_dir(), Path('/opt/iir-cache'))"
 USER 10001:10001
 EXPOSE 8000 8265
@@ -136,7 +136,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # Non-root, numeric (Kubernetes' runAsNonRoot can only verify a numeric user). Its home holds the SQLite
 # default (~/.iir/iir.db) and Ray's auth token (~/.ray/auth_token).
 # The classifier's int8 ONNX model, exported now rather than at the first start of every container.
-RUN python -c "from pathlib import Path; from serve_app.embedder import ensure_onnx, packaged_model_dir; \
+RUN python -c "from pathlib import Path; from serve_app.routing.embedder import ensure_onnx, packaged_model_dir; \
 ensure_onnx(packaged_model_dir(), Path('/opt/iir-cache'))"
 USER 10001:10001
 # 8000: Serve's HTTP proxy (the API). 8265: the Ray dashboard, which `iir serve` alone binds to

@@ -8,7 +8,7 @@ Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth) and ``redis-serve
 
 1. Creates a fresh database (``--database``, default ``iir_auth_bench``; dropped again at the end),
    builds the schema with ``KeyStore.upgrade()`` (the migrations) and COPYs in 100,000 keys hashed
-   with ``serve_app.keystore.hash_key``, keeping the plaintext of a few hundred.
+   with ``serve_app.auth.keystore.hash_key``, keeping the plaintext of a few hundred.
 2. **In-process**: ``VerifiedKeyCache`` over ``AuthService`` over the PostgreSQL ``KeyStore``, with the
    default cache settings. Times ``authenticate()`` for a key's first use (cache miss: one lookup
    among the 100,000 rows, in a worker thread) and for warm keys, and counts the SQL statements the
@@ -162,7 +162,7 @@ class BenchKey:
 
 def load_keys(database_url: str, count: int, keep: int) -> tuple[list[BenchKey], dict[str, Any]]:
     """Schema from the migrations, then ``count`` keys by COPY; returns ``keep`` of them, spread out."""
-    from serve_app.keystore import KEY_PREFIX, PREFIX_CHARS, KeyStore, hash_key
+    from serve_app.auth.keystore import KEY_PREFIX, PREFIX_CHARS, KeyStore, hash_key
 
     started = time.perf_counter()
     store = KeyStore(database_url)
@@ -207,10 +207,10 @@ def load_keys(database_url: str, count: int, keep: int) -> tuple[list[BenchKey],
 
 async def in_process(database_url: str, first_use: list[BenchKey], direct: list[BenchKey],
                      warm_calls: int, unknown: int) -> dict[str, Any]:
-    from serve_app.auth import AuthService
+    from serve_app.auth.keystore import KeyStore
+    from serve_app.auth.service import AuthService
     from serve_app.errors import AuthenticationFailed
-    from serve_app.key_cache import VerifiedKeyCache
-    from serve_app.keystore import KeyStore
+    from serve_app.ingress.key_cache import VerifiedKeyCache
     from serve_app.settings import Settings
 
     defaults = {name: Settings.model_fields[name].default for name in (
@@ -290,7 +290,7 @@ def write_configs(folder: Path) -> dict[str, str]:
     providers = {"providers": [{"name": "fake", "base_url": "http://127.0.0.1:9/v1"}]}
     routing = {"default": "fake/echo-chat", "categories": {}}
     paths = write_config_files(folder, models, providers, routing)
-    from serve_app.catalog import load_catalog
+    from serve_app.registry.catalog import load_catalog
 
     load_catalog(Path(paths["models_config"]), Path(paths["providers_config"]))  # fail before Ray starts
     return paths
@@ -521,7 +521,7 @@ def summarize_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def graph_phase(args: argparse.Namespace, database_url: str, keys: list[BenchKey],
                 out: dict[str, Any]) -> None:
-    from serve_app.keystore import KeyStore
+    from serve_app.auth.keystore import KeyStore
 
     # An admin-scoped key made through the store's own API, for the DELETEs.
     store = KeyStore(database_url)

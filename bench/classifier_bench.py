@@ -41,9 +41,9 @@ CODE = "Write a Python function that checks whether a string is a palindrome"
 
 
 def quality() -> list[str]:
-    from serve_app.classifier import CATEGORIES, ClassifierHead, EmbeddingClassifier
-    from serve_app.classifier_train import DATA_DIR, OUT_DIR, evaluate, load_dataset, robustness
-    from serve_app.embedder import OnnxEmbedder
+    from serve_app.routing.classifier import CATEGORIES, ClassifierHead, EmbeddingClassifier
+    from serve_app.routing.embedder import OnnxEmbedder
+    from serve_app.routing.training import DATA_DIR, OUT_DIR, evaluate, load_dataset, robustness
     from serve_app.settings import Settings
 
     embedder = OnnxEmbedder(cache_dir=Settings().cache_dir)

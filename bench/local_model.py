@@ -73,8 +73,8 @@ async def through_router(base_url: str, headers: dict[str, str], requests: int) 
 
 async def in_process(models_config: Any, providers_config: Any, requests: int) -> dict[str, Any]:
     """The same spec and request, on ``LlamaCppEngine`` in this process: no HTTP, no Ray."""
-    from serve_app.catalog import load_catalog
     from serve_app.engines.llama_cpp import LlamaCppEngine
+    from serve_app.registry.catalog import load_catalog
     from serve_app.schemas import ChatCompletionRequest
 
     spec = load_catalog(models_config, providers_config).get(MODEL)

@@ -21,9 +21,10 @@ from datetime import UTC, datetime
 
 from redis.asyncio import Redis
 
-from serve_app.keystore import KeyInfo
-from serve_app.rate_limit import RateLimiter, make_redis
-from serve_app.usage import UsageRecorder, UsageRow
+from serve_app.auth.keystore import KeyInfo
+from serve_app.ingress.rate_limit import RateLimiter
+from serve_app.ingress.usage_recorder import UsageRecorder, UsageRow
+from serve_app.redis_client import make_redis
 
 
 def _key(rpm: int | None, tpm: int | None) -> KeyInfo:

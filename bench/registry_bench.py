@@ -36,7 +36,7 @@ import yaml  # noqa: E402
 
 from bench.auth_bench import RAY_ENV, _get, _session, deploy, local_ray, write_config_files  # noqa: E402
 from bench.loadgen import percentile  # noqa: E402
-from serve_app.catalog import resolve_source  # noqa: E402
+from serve_app.registry.catalog import resolve_source  # noqa: E402
 from tests.support.fake_upstream import FakeUpstream  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from bench.loadgen import percentile  # noqa: E402
-from serve_app.embedder import OnnxEmbedder  # noqa: E402
-from serve_app.semantic_cache import SemanticIndex, agrees, signature  # noqa: E402
+from serve_app.cache.semantic import SemanticIndex, agrees, signature  # noqa: E402
+from serve_app.routing.embedder import OnnxEmbedder  # noqa: E402
 from serve_app.settings import Settings  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "semantic_cache"

@@ -1,7 +1,7 @@
 """``Classifier``: answers ``model: "auto"`` (and ``POST /v1/classify``); called only for such requests.
 
 ``@serve.batch`` gathers concurrent requests into one call: one trip to a worker thread and one head
-evaluation for the batch (embeddings are per text, see ``serve_app/embedder.py``).
+evaluation for the batch (embeddings are per text, see ``serve_app/routing/embedder.py``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import asyncio
 
 from ray import serve
 
-from serve_app.classifier import Classification, Conversation, EmbeddingClassifier
+from serve_app.routing.classifier import Classification, Conversation, EmbeddingClassifier
 from serve_app.settings import Settings
 
 

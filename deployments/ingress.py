@@ -1,4 +1,4 @@
-"""``Ingress``: the HTTP entry point. Serves the FastAPI app from ``serve_app.api.app.create_app``.
+"""``Ingress``: the HTTP entry point. Serves the FastAPI app from ``serve_app.ingress.app.create_app``.
 
 Hot path: key from the local cache (``Auth`` only on a miss), ``Classifier`` only for ``auto``,
 ``SemanticCache`` only on an exact-cache miss of a request that opted in, then
@@ -14,13 +14,13 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.api.app import create_app
-from serve_app.classifier import RoutingPolicy
+from deployments.handles import HandleClient, ReplicaEngine
 from serve_app.engines.base import InferenceEngine
-from serve_app.gateway import Gateway, build_gateway
-from serve_app.handles import HandleClient, ReplicaEngine
-from serve_app.registry import RegistryEntry
-from serve_app.render import model_app_name
+from serve_app.ingress.app import create_app
+from serve_app.ingress.gateway import Gateway, build_gateway
+from serve_app.registry.model_registry import RegistryEntry
+from serve_app.registry.render import model_app_name
+from serve_app.routing.classifier import RoutingPolicy
 from serve_app.settings import Settings
 
 logger = logging.getLogger(__name__)

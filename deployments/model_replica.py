@@ -7,9 +7,9 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.catalog import ModelSpec
 from serve_app.engines.base import InferenceEngine
 from serve_app.engines.factory import build_local_engine
+from serve_app.registry.catalog import ModelSpec
 from serve_app.schemas import EmbeddingRequest, GenerateRequest
 
 

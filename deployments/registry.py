@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ray import serve
+from ray.serve import Application
 
-from serve_app.catalog import CatalogSourceArgs
-from serve_app.hardware import launchable_nodes
-from serve_app.registry import ModelRegistry, RegistrySnapshot
-from serve_app.registry_store import SqlRegistryStore
-from serve_app.serve_replicas import ServeReplicas
+from serve_app.registry.catalog import CatalogSourceArgs, ModelSpec
+from serve_app.registry.hardware import launchable_nodes
+from serve_app.registry.model_applications import ServeReplicas
+from serve_app.registry.model_registry import ModelRegistry, RegistrySnapshot
+from serve_app.registry.store import SqlRegistryStore
 from serve_app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -20,9 +22,10 @@ logger = logging.getLogger(__name__)
 
 @serve.deployment
 class Registry:
-    def __init__(self, settings: Settings, declared: CatalogSourceArgs) -> None:
-        from serve_app.builder import build_model_app  # the builder imports this module
-
+    def __init__(self, settings: Settings, declared: CatalogSourceArgs,
+                 build_model_app: Callable[[ModelSpec], Application]) -> None:
+        # build_model_app comes from the builder (the one place that binds deployments), so this
+        # module never imports the builder that imports it.
         store = SqlRegistryStore(settings.database_url_plain())
         try:
             store.upgrade()

@@ -1,5 +1,5 @@
 """``SemanticCache``: the index of answered prompts for the semantic cache; called only on an exact-cache
-miss of a request that opted in (``serve_app/semantic_cache.py``).
+miss of a request that opted in (``serve_app/cache/semantic.py``).
 
 One replica: the index is its memory, and a second replica would hold a second, disjoint index. Each
 entry is also journaled in Redis with its TTL, so a restarted replica rebuilds the index in the
@@ -13,9 +13,9 @@ import logging
 
 from ray import serve
 
-from serve_app.embedder import OnnxEmbedder
-from serve_app.rate_limit import make_redis
-from serve_app.semantic_cache import Probe, SemanticIndex, SemanticJournal
+from serve_app.cache.semantic import Probe, SemanticIndex, SemanticJournal
+from serve_app.redis_client import make_redis
+from serve_app.routing.embedder import OnnxEmbedder
 from serve_app.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@
               ──(remote model)────▶ provider over pooled HTTP, from the ingress process
 
 Local models are not bound here: the Registry deploys each as its own application once it has checked
-that the model fits the cluster (``serve_app.serve_replicas`` says why).
+that the model fits the cluster (``serve_app.registry.model_applications`` says why).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from deployments.ingress import Ingress
 from deployments.model_replica import ModelReplica
 from deployments.registry import Registry
 from deployments.semantic_cache import SemanticCache
-from serve_app.catalog import CatalogSourceArgs, ModelSpec
-from serve_app.classifier import RoutingPolicy
-from serve_app.render import deployment_override
+from serve_app.registry.catalog import CatalogSourceArgs, ModelSpec
+from serve_app.registry.render import deployment_override
+from serve_app.routing.classifier import RoutingPolicy
 from serve_app.settings import Settings
 
 
@@ -67,7 +67,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     # models (on 2 CPUs, SmolLM2 1 + MiniLM 0.5 + the services fill the node).
     registry = _deployment(Registry).options(
         num_replicas=1, max_ongoing_requests=4096, graceful_shutdown_timeout_s=2,
-        ray_actor_options={"num_cpus": 0}).bind(settings, declared)
+        ray_actor_options={"num_cpus": 0}).bind(settings, declared, build_model_app)
     # One replica (the index is its memory). No CPU reserved, for the same reason as the Registry: it
     # embeds only for requests that opted in; give it CPUs in serve_config.yaml where they do.
     semantic_cache = _deployment(SemanticCache).options(

@@ -1,11 +1,11 @@
 """One exception tree for the gateway; every class knows its HTTP status and OpenAI error fields.
 
-    IIRError
-    ├── InvalidRequest          400 invalid_request_error
+    IIRError                     (abstract; anything unexpected is an ``InternalError``)
+    ├── InvalidRequest          400 invalid_request_error       a request body, header or parameter is wrong
     │   ├── UnsupportedParameter 400 invalid_request_error / unsupported_parameter
     │   └── MethodNotAllowed    405 invalid_request_error / method_not_allowed
-    ├── ValidationFailed        422 invalid_request_error
-    │   └── InvalidConfig       422 invalid_request_error / invalid_config (models.yaml, providers.yaml)
+    ├── InvalidConfig           422 invalid_request_error / invalid_config
+    │                               (the request is fine; the models.yaml/providers.yaml it applies is not)
     ├── AuthenticationFailed    401 authentication_error / invalid_api_key
     ├── PermissionDenied        403 permission_error
     ├── NotFound                404 invalid_request_error / not_found
@@ -13,15 +13,22 @@
     ├── PayloadTooLarge         413 invalid_request_error / request_too_large
     ├── RateLimited             429 rate_limit_error
     ├── ServiceUnavailable      503 service_unavailable
-    └── UpstreamError           502 upstream_error   (a remote provider failed)
+    ├── UpstreamError           502 upstream_error   (a remote provider failed)
+    └── InternalError           500 server_error / internal_error (a bug: details logged, never returned)
 
-Routes raise these; ``serve_app.api.app`` renders them as ``{"error": {...}}``. Anything else becomes a
-500 whose details are logged with the request id, never returned.
+400 or 422: every malformed request body (bad JSON, a field of the wrong type or range, a bad
+``/infer`` input) is a 400 ``invalid_request_error`` naming the parameter, as OpenAI answers; 422 is kept
+for one case, a valid request whose configuration file is invalid (docs/API.md, "Errors").
+
+Code raises these; ``error_response`` is the one place that renders them (the ingress's exception
+handlers and its size-limit middleware); SSE error events carry the same ``to_body()``.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from starlette.responses import JSONResponse
 
 
 class IIRError(Exception):
@@ -67,16 +74,12 @@ class MethodNotAllowed(InvalidRequest):
     code = "method_not_allowed"
 
 
-class ValidationFailed(IIRError):
-    status_code = 422
-    type = "invalid_request_error"
-    code = "invalid_value"
-
-
-class InvalidConfig(ValidationFailed):
+class InvalidConfig(IIRError):
     """A config file an operator asked to apply (``POST /v1/registry/refresh``) is invalid; the message
     names the file and the problem, and nothing was changed."""
 
+    status_code = 422
+    type = "invalid_request_error"
     code = "invalid_config"
 
 
@@ -124,3 +127,17 @@ class UpstreamError(IIRError):
     status_code = 502
     type = "upstream_error"
     code = "upstream_error"
+
+
+class InternalError(IIRError):
+    """A bug: the caller gets the request id to quote, the log gets the traceback."""
+
+    code = "internal_error"
+
+    def __init__(self, request_id: str, **_: Any) -> None:
+        super().__init__(f"internal error (request id {request_id})")
+
+
+def error_response(exc: IIRError) -> JSONResponse:
+    """The one rendering of an error: ``{"error": {"message", "type", "param", "code"}}`` + its status."""
+    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers)

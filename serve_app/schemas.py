@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.models import (
+from serve_app.db.tables import (
     DEFAULT_PRIORITY,
     MAX_DESCRIPTION_CHARS,
     MAX_PRIORITY,

@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     providers_config: Path = REPO_CONFIGS / "providers.yaml"
     routing_config: Path = REPO_CONFIGS / "routing.yaml"
     classifier_head: Path = REPO_CONFIGS / "classifier" / "head.json"
-    # Longest wait for a classification before "auto" takes routing.yaml's default (serve_app/router.py).
+    # Longest wait for a classification before "auto" takes routing.yaml's default
+    # (serve_app/routing/router.py).
     # Well above the p99 under load (0.3 s at c=8 here), well below a client's patience.
     classifier_timeout_s: float = Field(1.0, gt=0)
     # Derived files made once per machine (the classifier's ONNX embedding model).
@@ -66,15 +67,15 @@ class Settings(BaseSettings):
     # JSON, e.g. '[{"num_cpus": 4, "num_gpus": 1, "accelerator_type": "A10G"}]'.
     launchable_nodes: list[NodeShape] = Field(default_factory=list)
 
-    # Response cache (serve_app/response_cache.py). auto: Redis if it answers at start, else in-process.
-    # Longest wait for a full local model before 503 model_busy (serve_app/admission.py).
+    # Response cache (serve_app/cache/exact.py). auto: Redis if it answers at start, else in-process.
+    # Longest wait for a full local model before 503 model_busy (serve_app/ingress/admission.py).
     queue_timeout_s: float = Field(30.0, gt=0)
     cache_backend: Literal["auto", "redis", "memory", "off"] = "auto"
     cache_scope: Literal["key", "global"] = "key"  # global shares answers across API keys
     cache_ttl_s: int = Field(3600, ge=0)
     cache_timeout_s: float = Field(0.1, gt=0)
     cache_max_entry_bytes: int = Field(1_000_000, gt=0)
-    # Semantic cache (serve_app/semantic_cache.py), opt-in per model or request. The threshold was
+    # Semantic cache (serve_app/cache/semantic.py), opt-in per model or request. The threshold was
     # chosen on data/semantic_cache/pairs.jsonl (bench/semantic_cache_bench.py).
     semantic_cache_threshold: float = Field(0.87, gt=0, le=1)
     semantic_cache_max_entries: int = Field(100_000, gt=0)

@@ -10,14 +10,13 @@ import pytest
 import yaml
 
 # database_url (SQLite and PostgreSQL), store: for the key-store tests
-from serve_app.classifier import EmbeddingClassifier
+from serve_app.routing.classifier import EmbeddingClassifier
 from tests.db_fixtures import database_url, pg_database_url, store  # noqa: F401
+from tests.support.env import POSTGRES_URL, REDIS_URL  # noqa: F401 - imported from here by tests
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.llama_server import llama_server  # noqa: F401 - session fixture for every test
 
 REPO = Path(__file__).resolve().parent.parent
-REDIS_URL = os.environ.get("IIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get("IIR_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture(autouse=True)

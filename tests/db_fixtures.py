@@ -4,7 +4,6 @@ to use them."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +13,8 @@ from sqlalchemy import Engine, MetaData, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from serve_app.keystore import KeyStore
-
-PG_ADMIN_URL = os.environ.get("IIR_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+from serve_app.auth.keystore import KeyStore
+from tests.support.env import POSTGRES_URL as PG_ADMIN_URL  # IIR_TEST_POSTGRES_URL (docs/SETUP.md)
 
 
 @pytest.fixture(scope="session")

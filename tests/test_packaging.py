@@ -260,7 +260,8 @@ def test_wheel_carries_the_migrations(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     wheel = next((tmp_path / "dist").glob("iir-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    migrations = {p.relative_to(ROOT).as_posix() for p in (ROOT / "serve_app" / "migrations").rglob("*")
+    folder = ROOT / "serve_app" / "db" / "migrations"
+    migrations = {p.relative_to(ROOT).as_posix() for p in folder.rglob("*")
                   if p.is_file() and "__pycache__" not in p.parts}
-    assert {"serve_app/migrations/env.py", "serve_app/migrations/script.py.mako"} <= migrations
+    assert {"serve_app/db/migrations/env.py", "serve_app/db/migrations/script.py.mako"} <= migrations
     assert migrations <= names, f"missing from the wheel: {sorted(migrations - names)}"

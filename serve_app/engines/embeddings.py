@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.catalog import ModelSpec, resolve_source
 from serve_app.engines.base import EngineBase
 from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
+from serve_app.registry.catalog import ModelSpec, resolve_source
 from serve_app.schemas import EmbeddingRequest
 
 

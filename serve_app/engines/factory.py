@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from serve_app.catalog import Catalog, ModelSpec
 from serve_app.engines.base import InferenceEngine
+from serve_app.registry.catalog import Catalog, ModelSpec
 from serve_app.settings import Settings
 
 

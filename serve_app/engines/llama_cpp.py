@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from serve_app.catalog import ModelSpec, resolve_source
 from serve_app.engines.base import EngineBase, new_id, now, usage
 from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
+from serve_app.registry.catalog import ModelSpec, resolve_source
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 T = TypeVar("T")

@@ -32,7 +32,6 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 
 from serve_app import metrics
-from serve_app.catalog import ModelSpec, ProviderSpec
 from serve_app.engines.base import EngineBase
 from serve_app.errors import (
     IIRError,
@@ -43,6 +42,7 @@ from serve_app.errors import (
     ServiceUnavailable,
     UpstreamError,
 )
+from serve_app.registry.catalog import ModelSpec, ProviderSpec
 from serve_app.schemas import ChatCompletionRequest, EmbeddingRequest, GenerateRequest
 
 log = logging.getLogger(__name__)

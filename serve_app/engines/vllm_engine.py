@@ -11,9 +11,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from serve_app.catalog import ModelSpec, resolve_source
 from serve_app.engines.base import EngineBase, new_id, now, usage
 from serve_app.errors import ServiceUnavailable, UnsupportedParameter
+from serve_app.registry.catalog import ModelSpec, resolve_source
 from serve_app.schemas import ChatCompletionRequest, GenerateRequest
 
 _UNSUPPORTED = ("tools", "functions", "logprobs", "response_format")

@@ -19,7 +19,7 @@ import pytest
 import requests
 import yaml
 
-from serve_app.catalog import resolve_source
+from serve_app.registry.catalog import resolve_source
 from tests.support.env import environ
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.net import free_port, wait_ready
@@ -138,7 +138,7 @@ def test_gpu_model_is_placed_on_the_gpu_node_only(setup: Setup) -> None:
 
 def test_gpu_memory_is_measured_on_each_gpu_node_not_where_discovery_runs(setup: Setup,
                                                                          tmp_path: Path) -> None:
-    from serve_app import hardware
+    from serve_app.registry import hardware
 
     def probe() -> float:  # NVML's stand-in: notes the node it ran on
         import ray
@@ -229,7 +229,7 @@ def test_an_application_deleted_behind_the_registrys_back_is_unavailable_until_a
     serve.delete("iir-model-orphan-chat")  # an operator's `serve delete`, or a crashed controller's loss
     r = setup.chat("local/orphan-chat")
     # 503 either way: the registry already says "loading", or Serve's DeploymentUnavailableError
-    # reaches the handle (serve_app/handles.py); never a 500.
+    # reaches the handle (deployments/handles.py); never a 500.
     assert r.status_code == 503, r.text
     assert r.json()["error"]["type"] == "service_unavailable"
     entry = setup.wait_status("local/orphan-chat", "unavailable", timeout_s=30)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import write_configs
+from tests.conftest import REDIS_URL, write_configs
 from tests.support.env import environ
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.net import free_port, wait_ready
@@ -20,6 +20,7 @@ class Graph:
     base_url: str
     database_url: str
     metrics_url: str  # Ray's Prometheus endpoint on this node: IIR's metrics and Serve's
+    env: dict[str, str]  # what the graph's processes started with: the same settings for a CLI run
 
 
 
@@ -39,6 +40,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
            "HF_HUB_OFFLINE": "1",
            "IIR_TEST_UPSTREAM_KEY": fake_upstream.api_key, "IIR_DATABASE_URL": database_url,
+           "IIR_REDIS_URL": REDIS_URL,
            **{f"IIR_{k.upper()}": str(v) for k, v in configs.items()}}
     from serve_app.builder import build_app
 
@@ -53,7 +55,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
             base_url = f"http://localhost:{port}"
             wait_ready(base_url, timeout_s=240, all_models=True)
             yield Graph(base_url=base_url, database_url=database_url,
-                        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
+                        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", env=env)
         finally:
             serve.shutdown()
             ray.shutdown()

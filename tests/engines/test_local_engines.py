@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from serve_app.catalog import ModelSpec
 from serve_app.engines.embeddings import SentenceTransformerEngine
 from serve_app.engines.llama_cpp import LlamaCppEngine
 from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
+from serve_app.registry.catalog import ModelSpec
 from tests.engines import contract
 from tests.engines.contract import Requests, collect, expect_error, text_of, vectors
 

@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.catalog import ModelSpec, ProviderSpec
 from serve_app.engines.remote import RemoteEngine, make_http_client
 from serve_app.errors import (
     InvalidRequest,
@@ -20,6 +19,7 @@ from serve_app.errors import (
     ServiceUnavailable,
     UpstreamError,
 )
+from serve_app.registry.catalog import ModelSpec, ProviderSpec
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from tests.support.fake_upstream import FakeUpstream, embedding_for, expected_reply
 from tests.support.llama_server import MODEL_ALIAS, LlamaServer

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from serve_app.catalog import ModelSpec
+from serve_app.registry.catalog import ModelSpec
 from tests.engines import contract
 
 pytestmark = pytest.mark.gpu

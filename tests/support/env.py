@@ -1,10 +1,15 @@
-"""Environment variables for a Ray cluster a test starts: its processes inherit them at start."""
+"""The test suite's own settings (docs/SETUP.md names them), and environment variables for a Ray
+cluster a test starts: its processes inherit them at start."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+# The servers the tests use (docs/SETUP.md): IIR_TEST_REDIS_URL and IIR_TEST_POSTGRES_URL.
+REDIS_URL = os.environ.get("IIR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("IIR_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 
 
 @contextmanager

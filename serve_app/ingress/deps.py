@@ -1,0 +1,75 @@
+"""FastAPI dependencies: the request's context, the pipeline, the caller's key, and the admin checks."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from serve_app.auth.keystore import KeyInfo
+from serve_app.errors import PermissionDenied
+from serve_app.ingress.context import RequestContext
+from serve_app.ingress.gateway import Gateway
+from serve_app.ingress.middleware import context_of
+from serve_app.ingress.pipeline import Pipeline
+from serve_app.ingress.trusted_ip import is_allowed_ip
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    pipeline: Pipeline = request.app.state.pipeline
+    return pipeline
+
+
+def get_context(request: Request) -> RequestContext:
+    return context_of(request.scope)
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+Context = Annotated[RequestContext, Depends(get_context)]
+
+
+async def current_key(request: Request, pipeline: PipelineDep, ctx: Context) -> KeyInfo:
+    """The pipeline's first step, for every route that needs a key."""
+    return await pipeline.authenticate(ctx, request.headers.get("authorization"))
+
+
+CurrentKey = Annotated[KeyInfo, Depends(current_key)]
+
+
+async def inference_key(pipeline: PipelineDep, ctx: Context, key: CurrentKey) -> KeyInfo:
+    pipeline.require_inference(ctx)
+    return key
+
+
+InferenceKey = Annotated[KeyInfo, Depends(inference_key)]
+
+
+def from_trusted_ip(request: Request, gateway: Gateway) -> bool:
+    peer = request.client.host if request.client else None
+    settings = gateway.settings
+    return is_allowed_ip(peer, request.headers, trusted_networks=settings.trusted_networks,
+                         trusted_proxies=settings.trusted_proxies)
+
+
+def require_trusted_ip(request: Request, gateway: GatewayDep) -> None:
+    if not from_trusted_ip(request, gateway):
+        raise PermissionDenied("API keys can only be created from a trusted network address",
+                               reason="untrusted_ip")
+
+
+async def admin_key(request: Request, gateway: GatewayDep, key: CurrentKey) -> KeyInfo:
+    """Admin routes: a valid key, and either a trusted network address or the ``admin`` scope."""
+    if "admin" in key.scopes or from_trusted_ip(request, gateway):
+        return key
+    raise PermissionDenied("this route needs an admin-scoped key or a trusted network address",
+                           reason="not_admin")
+
+
+AdminKey = Annotated[KeyInfo, Depends(admin_key)]
+TrustedIp = Annotated[None, Depends(require_trusted_ip)]

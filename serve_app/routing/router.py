@@ -1,0 +1,175 @@
+"""Where a request goes: ``model`` (or ``auto``) → a catalog entry and the engine that serves it.
+
+Local models are reached through a ``ModelReplica`` handle (one Serve hop); remote models through a
+``RemoteEngine`` living in the ingress process (no hop). Both look like ``InferenceEngine`` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from serve_app import metrics
+from serve_app.engines.base import InferenceEngine
+from serve_app.errors import ModelNotFound, ServiceUnavailable
+from serve_app.failopen import Backoff, FailOpen
+from serve_app.registry.catalog import Catalog, ModelSpec
+from serve_app.routing.classifier import Candidate, Classification, Conversation, RoutingPolicy
+
+if TYPE_CHECKING:
+    from serve_app.registry.model_registry import RegistryEntry
+
+AUTO_MODELS = frozenset({"auto", "iir/auto"})
+logger = logging.getLogger(__name__)
+
+
+class PromptClassifier(Protocol):
+    async def classify(self, conversation: Conversation) -> Classification: ...
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``auto`` chose, and why (``POST /v1/classify`` shows it)."""
+
+    classification: Classification | None  # None: the classifier was down, the default route was taken
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Route:
+    spec: ModelSpec
+    engine: InferenceEngine
+    decision: Decision | None = None  # model: "auto" only
+    # Requests the model's replicas take at once (local models; serve_app/ingress/admission.py), else None.
+    capacity: int | None = None
+
+
+class ModelRouter:
+    def __init__(self, catalog: Catalog, engines: Mapping[str, InferenceEngine], *,
+                 policy: RoutingPolicy, classifier: PromptClassifier, retry_after_s: int = 5,
+                 classifier_timeout_s: float = 1.0) -> None:
+        self._classifier = classifier
+        self._classifier_timeout_s = classifier_timeout_s
+        self._classifier_guard = FailOpen(
+            logger, backoff=Backoff(1.0, 30.0),
+            lost="classifier failed (%(error)s); auto takes the default route for %(pause_s).0f s",
+            back="classifier answers again after %(seconds).0f s; auto routes by category")
+        self._policy = policy
+        self._retry_after = str(retry_after_s)
+        self._waking: dict[str, asyncio.Task[None]] = {}
+        self.replace(catalog, engines)
+
+    def replace(self, catalog: Catalog, engines: Mapping[str, InferenceEngine],
+                entries: Mapping[str, RegistryEntry] | None = None) -> None:
+        """Swap in a new catalog at once; requests in flight keep the engine they resolved.
+
+        ``entries`` (from the registry) carry each model's status; without them every model that has
+        an engine counts as available.
+        """
+        self.catalog = catalog
+        self._engines = dict(engines)
+        self._entries = dict(entries or {})
+
+    def models(self) -> list[ModelSpec]:
+        """What ``/v1/models`` lists: models that are served or about to be (not the unavailable)."""
+        return [m for m in self.catalog.models
+                if m.id in self._engines and self._status(m.id) != "unavailable"]
+
+    def entry(self, model_id: str) -> RegistryEntry | None:
+        return self._entries.get(model_id)
+
+    def _status(self, model_id: str) -> str:
+        entry = self._entries.get(model_id)
+        return entry.status if entry else "available"
+
+    def _routable(self) -> set[str]:
+        return {m for m in self._engines if self._status(m) == "available"}
+
+    def engine_for(self, model_id: str) -> InferenceEngine | None:
+        return self._engines.get(model_id)
+
+    async def resolve(self, model: str, conversation: Conversation) -> Route:
+        decision = None
+        if model in AUTO_MODELS:
+            decision = await self.decide(conversation)
+            model = decision.model
+        spec = self.catalog.get(model)
+        if spec is None:
+            raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
+                                param="model")
+        engine = self._engines.get(spec.id)
+        entry = self._entries.get(spec.id)
+        if entry is not None and entry.status == "unavailable":
+            raise ServiceUnavailable(f"model '{spec.id}' is unavailable: {entry.reason}", param="model",
+                                     code="model_unavailable")
+        if engine is None:
+            raise ServiceUnavailable(f"model '{spec.id}' is configured but not deployed", param="model")
+        if entry is not None and (entry.status == "loading" or entry.cold):
+            if entry.cold:
+                self._wake(spec.id, engine)
+            raise ServiceUnavailable(
+                f"model '{spec.id}' is starting a replica; retry in {self._retry_after} s", param="model",
+                code="model_loading", headers={"Retry-After": self._retry_after})
+        capacity = None
+        if entry is not None and spec.is_local:
+            capacity = spec.max_ongoing_requests * max(entry.replicas or 1, 1)
+        return Route(spec, engine, decision, capacity)
+
+    def _wake(self, model_id: str, engine: InferenceEngine) -> None:
+        """A scaled-to-zero model: one queued call makes Serve start a replica; callers retry later."""
+        if model_id in self._waking and not self._waking[model_id].done():
+            return
+        self._waking[model_id] = asyncio.create_task(self._call_health(model_id, engine))
+
+    @staticmethod
+    async def _call_health(model_id: str, engine: InferenceEngine) -> None:
+        try:
+            await engine.check_health()
+        except Exception as exc:  # reported by the registry's watch; here only logged
+            logger.warning("waking %s failed: %s", model_id, exc)
+
+    async def decide(self, conversation: Conversation) -> Decision:
+        """Classify, then pick among the available chat models by the routing policy.
+
+        A classifier that fails or is slower than its timeout costs that one request the timeout; the
+        next ones skip it for a while (1 s, doubling to 30 s) and take the policy's default route,
+        so a dead Classifier never holds up ``auto`` (docs/ARCHITECTURE.md, failure policies).
+        """
+        started = time.perf_counter()
+        result = await self._classify(conversation)
+        candidates = self._candidates()
+        if result is None:
+            model, reason = self._policy.fallback(candidates, "classifier unavailable")
+            metrics.CLASSIFIER_DECISIONS.inc(category="unclassified", model=model)
+            return Decision(None, model, reason)
+        metrics.CLASSIFIER_LATENCY.observe(time.perf_counter() - started)
+        model, reason = self._policy.choose(result, candidates)
+        metrics.CLASSIFIER_DECISIONS.inc(category=result.category, model=model)
+        return Decision(result, model, reason)
+
+    async def _classify(self, conversation: Conversation) -> Classification | None:
+        if self._classifier_guard.paused():
+            return None
+        try:
+            async with asyncio.timeout(self._classifier_timeout_s):
+                result = await self._classifier.classify(conversation)
+        except Exception as exc:  # noqa: BLE001 - whatever broke, "auto" takes the default route
+            self._classifier_guard.failed(exc)  # warns once per outage, not per request
+            return None
+        self._classifier_guard.succeeded()
+        return result
+
+    def _candidates(self) -> list[Candidate]:
+        candidates = []
+        for model_id in sorted(self._routable()):
+            spec = self.catalog.get(model_id)
+            entry = self._entries.get(model_id)
+            if spec is not None and spec.task == "chat" and not (entry and entry.cold):
+                cost = entry.cost_per_1k_tokens if entry else spec.cost_per_1k_tokens
+                candidates.append(Candidate(model_id, spec.quality_tier, cost, frozenset(spec.tags)))
+        return candidates

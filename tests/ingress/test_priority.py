@@ -1,0 +1,78 @@
+"""Key priority orders the queue in front of a full local model: the real SmolLM2 in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from serve_app.auth.keystore import KeyStore
+from serve_app.auth.service import AuthService
+from serve_app.ingress.app import create_app
+from serve_app.ingress.gateway import build_in_process_gateway
+from serve_app.routing.classifier import EmbeddingClassifier
+from serve_app.settings import Settings
+from tests.conftest import REDIS_URL, write_configs
+from tests.ingress.conftest import TRUSTED
+from tests.support.fake_upstream import FakeUpstream
+
+MODEL = "local/smollm2-135m"
+
+
+async def test_a_high_priority_key_overtakes_queued_low_priority_requests(
+        tmp_path: Path, fake_upstream: FakeUpstream, prompt_classifier: EmbeddingClassifier,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IIR_TEST_UPSTREAM_KEY", str(fake_upstream.api_key))
+    configs = write_configs(tmp_path, fake_upstream.base_url)
+    models = yaml.safe_load(configs["models_config"].read_text())
+    models["models"] = [{**m, "max_ongoing_requests": 1} if m["id"] == MODEL else m
+                        for m in models["models"] if m["id"] != "local/minilm-l6-v2"]
+    configs["models_config"].write_text(yaml.safe_dump(models))
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'keys.db'}", redis_url=REDIS_URL, **configs)
+    store = KeyStore(settings.database_url_plain())
+    store.create_schema()
+    auth = AuthService(store, redis_url=settings.redis_url, redis_timeout_s=settings.redis_timeout_s)
+    gateway = build_in_process_gateway(settings, verifier=auth, key_admin=auth, classifier=prompt_classifier)
+    app = create_app(gateway)
+    try:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app, client=TRUSTED), base_url="http://iir.test",
+                timeout=120) as client:
+            deadline = time.monotonic() + 120
+            while (await client.get("/ready")).status_code != 200:
+                assert time.monotonic() < deadline, "the local model never became ready"
+                await asyncio.sleep(0.2)
+
+            async def key(priority: int) -> dict[str, str]:
+                r = await client.post("/api/v1/apikeys", json={"description": "p", "priority": priority})
+                return {"Authorization": f"Bearer {r.json()['api_key']}"}
+
+            low, high = await key(0), await key(90)
+            finished: list[str] = []
+
+            async def ask(name: str, headers: dict[str, str], max_tokens: int) -> None:
+                body: dict[str, Any] = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0.7,
+                                        "messages": [{"role": "user", "content": f"Tell a story ({name})"}]}
+                r = await client.post("/v1/chat/completions", headers=headers, json=body)
+                assert r.status_code == 200, r.text
+                finished.append(name)
+
+            holder = asyncio.create_task(ask("holder", low, 64))
+            await asyncio.sleep(0.3)  # the holder has the model's one slot
+            waiting = [asyncio.create_task(ask("low-1", low, 4))]
+            await asyncio.sleep(0.05)
+            waiting.append(asyncio.create_task(ask("low-2", low, 4)))
+            await asyncio.sleep(0.05)
+            waiting.append(asyncio.create_task(ask("high", high, 4)))
+            await asyncio.sleep(0.05)
+            assert gateway.admission.queued(MODEL) == 3
+            await asyncio.gather(holder, *waiting)
+    finally:
+        await auth.close()
+        store.close()
+    assert finished == ["holder", "high", "low-1", "low-2"]
