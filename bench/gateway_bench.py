@@ -136,13 +136,13 @@ def iir_graph(configs: dict[str, Path], database_url: str, *, throughput_optimiz
         print(f"graph shut down in {time.perf_counter() - stop:.1f} s", flush=True)
 
 
-def _create_key(base_url: str) -> dict[str, str]:
+def create_key(base_url: str) -> dict[str, str]:
     r = httpx.post(f"{base_url}/api/v1/apikeys", json={"description": "bench", "priority": 10}, timeout=30)
     r.raise_for_status()
     return {"Authorization": f"Bearer {r.json()['api_key']}"}
 
 
-def _ingress_port_url(meter: CpuMeter) -> str | None:
+def ingress_port_url(meter: CpuMeter) -> str | None:
     """The ingress replica's own HTTP port (direct ingress), found from its listening sockets."""
     for host, port in meter.listening_ports("ingress", 30000, 31000):
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with iir_graph(configs, database_url, throughput_optimized=args.throughput_optimized) as graph:
             out["meta"]["startup_s"] = round(graph.startup_s, 1)
             print(f"graph ready on {graph.base_url} after {graph.startup_s:.1f} s", flush=True)
-            headers = _create_key(graph.base_url)
+            headers = create_key(graph.base_url)
             meter = CpuMeter(exclude_pids={upstream.pid}, upstream_pid=upstream.pid)
             out["meta"]["idle_cpu_ms_per_s"] = meter.measure_idle(3.0)
             out["meta"]["niceness"] = meter.niceness()
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        {"Authorization": f"Bearer {UPSTREAM_KEY}"}, "echo-1"),
                 Target("iir-proxy", f"{graph.base_url}/v1/chat/completions", headers, "fake/echo-chat"),
             ]
-            ingress_url = _ingress_port_url(meter) if args.throughput_optimized else None
+            ingress_url = ingress_port_url(meter) if args.throughput_optimized else None
             out["meta"]["ingress_port_url"] = ingress_url
             if ingress_url:
                 targets.append(Target("iir-ingress-port", f"{ingress_url}/v1/chat/completions", headers,
