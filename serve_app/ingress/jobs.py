@@ -76,6 +76,7 @@ class GenerateJob(Job):
     def __init__(self, body: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str]) -> None:
         self.body = body
         self.headers = headers
+        self._routed: GenerateRequest | None = None
         self.model = body.model
         self.streaming = bool(body.stream)
 
@@ -85,7 +86,10 @@ class GenerateJob(Job):
         return [(m.role, m.text()) for m in self.body.messages]
 
     def _for(self, route: Route) -> GenerateRequest:
-        return self.body.model_copy(update={"model": route.spec.id})
+        """The body as the routed model gets it (made once: the cache key and the call share it)."""
+        if self._routed is None or self._routed.model != route.spec.id:
+            self._routed = self.body.model_copy(update={"model": route.spec.id})
+        return self._routed
 
     def cacheable(self, route: Route) -> GenerateRequest | None:
         return self._for(route)
