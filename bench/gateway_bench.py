@@ -11,7 +11,8 @@ upstream), then drives ``fake/echo-chat`` with the same asyncio client (aiohttp,
 three ways:
 
     direct            the upstream itself                          (the baseline)
-    iir-proxy         Serve's HTTP proxy (the ``:8000`` port)       proxy → ingress replica → upstream
+    iir-proxy         port 8000: Ray's HAProxy (IIR's default) or   proxy → ingress replica → upstream
+                      Serve's Python proxy (``--data-plane python``)
     iir-ingress-port  the ingress replica's own HTTP port (30000+,  ingress replica → upstream
                       only with RAY_SERVE_THROUGHPUT_OPTIMIZED=1)
 
@@ -47,6 +48,7 @@ import httpx  # noqa: E402
 from bench import local_model  # noqa: E402
 from bench.loadgen import CpuMeter, StepResult, Target, metered_step, run_step  # noqa: E402
 from bench.report import render  # noqa: E402
+from serve_app.dataplane import DataPlane, ray_environment  # noqa: E402
 from tests.support.net import free_port, wait_ready  # noqa: E402
 
 UPSTREAM_KEY = "sk-upstream-bench"
@@ -100,10 +102,14 @@ class Graph:
 
 
 @contextlib.contextmanager
-def iir_graph(configs: dict[str, Path], database_url: str, *, throughput_optimized: bool) -> Iterator[Graph]:
+def iir_graph(configs: dict[str, Path], database_url: str, *, throughput_optimized: bool,
+              data_plane: DataPlane = "haproxy") -> Iterator[Graph]:
     # Read by every Ray process (and by this driver's copy of Serve), so set before Ray is imported.
+    # Serve's own defaults (not throughput-optimized) have no ingress port for HAProxy to send to.
+    data_plane = data_plane if throughput_optimized else "python"
     os.environ.update({
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if throughput_optimized else "0", "HF_HUB_OFFLINE": "1",
+        **ray_environment(data_plane), "IIR_DATA_PLANE": data_plane,
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if throughput_optimized else "0",
         # Serve keeps a direct-ingress replica draining for 30 s at shutdown so outside load balancers
         # notice; nothing outside this script is watching, and the wait would be a sixth of the run.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
@@ -178,7 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         configs = write_configs(Path(tmp), upstream.base_url)
         print(f"fake upstream on {upstream.base_url} (pid {upstream.pid}); starting the graph", flush=True)
         database_url = f"sqlite:///{tmp}/iir.db"
-        with iir_graph(configs, database_url, throughput_optimized=args.throughput_optimized) as graph:
+        with iir_graph(configs, database_url, throughput_optimized=args.throughput_optimized,
+                       data_plane=args.data_plane) as graph:
             out["meta"]["startup_s"] = round(graph.startup_s, 1)
             print(f"graph ready on {graph.base_url} after {graph.startup_s:.1f} s", flush=True)
             headers = create_key(graph.base_url)
@@ -216,7 +223,8 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
 
     return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "ray": version("ray"),
-            "throughput_optimized": args.throughput_optimized, "step_seconds": args.step_seconds,
+            "throughput_optimized": args.throughput_optimized, "data_plane": args.data_plane,
+            "step_seconds": args.step_seconds,
             "max_requests": args.max_requests, "client": args.client,
             "upstream_delay_ms": args.upstream_delay_ms, "argv": sys.argv[1:]}
 
@@ -225,6 +233,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--data-plane", choices=["haproxy", "python"], default="haproxy",
+                        help="what serves port 8000: Ray's HAProxy (IIR's default) or Serve's Python proxy")
     parser.add_argument("--no-throughput-optimized", dest="throughput_optimized", action="store_false",
                         help="RAY_SERVE_THROUGHPUT_OPTIMIZED=0 (Serve's defaults); non-stream c=1/16 only")
     parser.add_argument("--step-seconds", type=float, default=6.0, help="timed length of each load step")

@@ -206,7 +206,8 @@ def process_group(proc: Any) -> str:
         title = " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "gone"
-    for marker, group in (("ProxyActor", "proxy"), (":Ingress", "ingress"), (":Auth", "auth"),
+    for marker, group in (("ProxyActor", "proxy"), ("bin/haproxy", "haproxy"), (":Ingress", "ingress"),
+                          (":Auth", "auth"),
                           (":Classifier", "classifier"), ("ServeController", "controller"),
                           ("ServeReplica", "models")):
         if marker in title:

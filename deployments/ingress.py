@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.handles import HandleClient, ReplicaEngine
+from serve_app.dataplane import behind_haproxy
 from serve_app.engines.base import InferenceEngine
 from serve_app.ingress.app import create_app
 from serve_app.ingress.gateway import Gateway, build_gateway
@@ -39,6 +40,8 @@ class Ingress:
             registry=HandleClient(registry),  # type: ignore[arg-type]
             local_engine=_model_handle, policy=policy,
             semantic=HandleClient(semantic_cache),  # type: ignore[arg-type]
+            # Either word counts: the builder's setting, or Ray's own switch in this replica's process.
+            behind_proxy=settings.data_plane == "haproxy" or behind_haproxy(),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

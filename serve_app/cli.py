@@ -1,5 +1,6 @@
 """The ``iir`` command: ``iir serve`` runs the graph on a local Ray; ``iir keys ...`` manages keys;
-``iir db upgrade`` applies schema migrations; ``iir config render`` writes a ``serve_config.yaml``."""
+``iir db upgrade`` applies schema migrations; ``iir config render`` writes a ``serve_config.yaml``;
+``iir dataplane env`` prints what ``ray start`` needs for port 8000."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -22,26 +24,21 @@ if TYPE_CHECKING:
     from serve_app.auth.service import AuthService
     from serve_app.schemas import ApiKeyCreate, ApiKeyUpdate
 
-# Throughput-optimized Serve (gRPC between replicas, user code on the replica's loop) also gives each
-# ingress replica its own HTTP port: 3-4x port 8000's req/s here (docs/PERFORMANCE.md). Read by every
-# Ray process, so it is set before ray.init.
-SERVE_ENV = {
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "HF_HUB_OFFLINE": "1",
-    # Serve keeps a draining ingress port open 30 s for load balancers; a local router has none.
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
-}
-
-
 def _serve(args: argparse.Namespace) -> int:
-    for key, value in SERVE_ENV.items():
+    from serve_app.dataplane import ray_environment
+
+    # Read by every Ray process, so set before ray.init; what the caller already set wins.
+    for key, value in ray_environment(Settings().data_plane).items():
         os.environ.setdefault(key, value)
+    # Serve keeps a draining ingress port open 30 s for remote load balancers; on one node HAProxy
+    # learns of the change within 0.1 s, and waiting 30 s only slows every stop and redeploy.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     import ray
     from ray import serve
 
     from serve_app.builder import build_app
 
-    settings = Settings()
+    settings = Settings()  # again: the proxy token may be new
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=args.dashboard)
     serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
     serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
@@ -62,6 +59,17 @@ def _serve(args: argparse.Namespace) -> int:
     print("stopping IIR…", flush=True)  # noqa: T201
     serve.shutdown()
     ray.shutdown()
+    return 0
+
+
+def _dataplane(args: argparse.Namespace) -> int:
+    """``iir dataplane env``: the ``export`` lines for ``ray start`` on every node (one shared token)."""
+    from serve_app.dataplane import ray_environment
+
+    data_plane = args.data_plane or Settings().data_plane
+    env = {**ray_environment(data_plane), "IIR_DATA_PLANE": data_plane}
+    for key, value in env.items():
+        print(f"export {key}={shlex.quote(value)}")  # noqa: T201
     return 0
 
 
@@ -274,6 +282,14 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                            help="skip the Ray dashboard (saves ~0.9 GB)")
     serve_cmd.set_defaults(func=_serve)
+    dataplane = sub.add_parser("dataplane", help="what stands in front of the ingress on port 8000")
+    dataplane_sub = dataplane.add_subparsers(dest="dataplane_command", required=True)
+    env = dataplane_sub.add_parser(
+        "env", help="print the exports `ray start` needs (eval \"$(iir dataplane env)\"); keeps a "
+                    "token already in IIR_PROXY_TOKEN, else makes one: share it with every node")
+    env.add_argument("--data-plane", choices=["haproxy", "python"], default=None,
+                     help="default: IIR_DATA_PLANE, else haproxy")
+    dataplane.set_defaults(func=_dataplane)
     keys = sub.add_parser("keys", help="manage API keys in the configured database")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create")

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serve_app.dataplane import DataPlane
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # RFC 1918 / RFC 4193 private ranges plus loopback: where admin callers are trusted by default.
@@ -80,6 +82,12 @@ class Settings(BaseSettings):
     semantic_cache_threshold: float = Field(0.87, gt=0, le=1)
     semantic_cache_max_entries: int = Field(100_000, gt=0)
     semantic_cache_timeout_s: float = Field(0.25, gt=0)
+
+    # What stands in front of the ingress on port 8000 (serve_app/dataplane.py): Ray's HAProxy, or
+    # Serve's Python proxy. The proxy token is how HAProxy vouches for the client address it states;
+    # every node's `ray start` needs the same one (`iir dataplane env` prints them).
+    data_plane: DataPlane = "haproxy"
+    proxy_token: SecretStr | None = None
 
     trusted_networks: list[str] = Field(default_factory=lambda: list(DEFAULT_TRUSTED_NETWORKS))
     # Peers whose X-Forwarded-For we believe; empty means no header is ever believed.

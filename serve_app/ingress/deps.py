@@ -57,14 +57,21 @@ InferenceKey = Annotated[KeyInfo, Depends(inference_key)]
 def from_trusted_ip(request: Request, gateway: Gateway) -> bool:
     peer = request.client.host if request.client else None
     settings = gateway.settings
+    token = settings.proxy_token.get_secret_value() if settings.proxy_token else None
     return is_allowed_ip(peer, request.headers, trusted_networks=settings.trusted_networks,
-                         trusted_proxies=settings.trusted_proxies)
+                         trusted_proxies=settings.trusted_proxies, proxy_token=token,
+                         behind_proxy=gateway.behind_proxy)
 
 
 async def require_trusted_ip(request: Request, gateway: GatewayDep) -> None:
-    if not from_trusted_ip(request, gateway):
-        raise PermissionDenied("API keys can only be created from a trusted network address",
-                               reason="untrusted_ip")
+    if from_trusted_ip(request, gateway):
+        return
+    if gateway.behind_proxy and gateway.settings.proxy_token is None:
+        raise PermissionDenied(
+            "no address is trusted: HAProxy hides client addresses and IIR_PROXY_TOKEN is not set "
+            "(docs/SETUP.md); create keys with `iir keys create`, or set the token", reason="untrusted_ip")
+    raise PermissionDenied("API keys can only be created from a trusted network address",
+                           reason="untrusted_ip")
 
 
 async def admin_key(request: Request, gateway: GatewayDep, key: CurrentKey) -> KeyInfo:

@@ -63,6 +63,9 @@ class Gateway:
     # Made at startup (it may PING Redis); None while starting, or with IIR_CACHE_BACKEND=off.
     cache: ResponseCache | None = None
     in_flight: InFlight = field(default_factory=InFlight)
+    # A proxy that hides client addresses (HAProxy) is the TCP peer of every request: trust only the
+    # address it states with the proxy token (serve_app/ingress/trusted_ip.py).
+    behind_proxy: bool = False
     # Started with the app (revocation listener, usage flusher), stopped at shutdown (pooled HTTP
     # clients; the last usage batch is sent before the limiter's Redis pool closes).
     on_startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -72,7 +75,7 @@ class Gateway:
 def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAdmin,
                   classifier: PromptClassifier, registry: RegistrySource,
                   local_engine: LocalEngineFactory, policy: RoutingPolicy | None = None,
-                  semantic: SemanticLookup | None = None) -> Gateway:
+                  semantic: SemanticLookup | None = None, behind_proxy: bool = False) -> Gateway:
     """Wire the ingress's collaborators; shared by the Ray ``Ingress`` and in-process tests.
 
     The router starts empty and fills from the registry's first snapshot at startup.
@@ -92,7 +95,7 @@ def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAd
     gateway = Gateway(settings=settings, keys=keys, key_admin=key_admin, router=router,
                       refresh_registry=follower.refresh, registry_snapshot=lambda: follower.snapshot,
                       revocations=revocations, limiter=limiter, usage=usage,
-                      admission=Admission(settings.queue_timeout_s),
+                      admission=Admission(settings.queue_timeout_s), behind_proxy=behind_proxy,
                       on_startup=[follower.start, _started(revocations), usage.start],
                       on_shutdown=[revocations.stop, follower.stop, usage.stop, limiter.aclose])
 

@@ -6,16 +6,22 @@ proxy appends the peer it saw, so everything left of the last trusted hop is the
 both ``X-Forwarded-For`` and ``Forwarded`` are present we cannot know which one the proxy wrote, so the
 caller is allowed only if every present header names an allowed client.
 
-Behind Ray Serve's HTTP proxy, ``request.client.host`` is already the ``X-Forwarded-For`` address when the
-peer was loopback (uvicorn's default) and the real peer otherwise: list in ``trusted_proxies`` only the
-load balancers in front of the gateway. Anything unparsable denies.
+Who the direct peer is depends on the data plane (serve_app/dataplane.py). Behind Serve's Python proxy,
+``request.client.host`` is already the ``X-Forwarded-For`` address when the peer was loopback (uvicorn's
+default) and the real peer otherwise. Behind HAProxy the peer is HAProxy, for every client: the client is
+what HAProxy states in ``x-iir-client-addr``, believed only beside the proxy token, and without the token
+no address is trusted. List in ``trusted_proxies`` only the load balancers in front of the gateway.
+Anything unparsable denies.
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+
+from serve_app.dataplane import CLIENT_ADDRESS_HEADER, PROXY_TOKEN_HEADER
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -131,13 +137,37 @@ def client_ips(
     return [_origin(hops, proxies) for hops in chains]
 
 
+def _single_value(headers: Mapping[str, str], name: str) -> str | None:
+    values = _header_values(headers, name)
+    return values[0].strip() if len(values) == 1 else None
+
+
+def connecting_address(peer: str | None, headers: Mapping[str, str] | None, *,
+                       proxy_token: str | None, behind_proxy: bool) -> str | None:
+    """The address the client connected to the data plane from, or None when nobody can say.
+
+    The data plane's own statement when the token vouches for it; else the TCP peer, unless a proxy that
+    hides its clients (HAProxy) stands in between: then the peer is that proxy, for everyone.
+    """
+    if proxy_token and headers:
+        token = _single_value(headers, PROXY_TOKEN_HEADER)
+        if token is not None and hmac.compare_digest(token.encode(), proxy_token.encode()):
+            return _single_value(headers, CLIENT_ADDRESS_HEADER)
+    return None if behind_proxy else peer
+
+
 def is_allowed_ip(
     peer: str | None,
     headers: Mapping[str, str] | None = None,
     *,
     trusted_networks: Sequence[str],
     trusted_proxies: Sequence[str] = (),
+    proxy_token: str | None = None,
+    behind_proxy: bool = False,
 ) -> bool:
+    """Is the caller inside ``trusted_networks``? ``peer`` is the TCP peer; ``behind_proxy`` says it is
+    a proxy hiding its clients (HAProxy), so that only a statement vouched for by ``proxy_token`` counts."""
     allowed = network_set(tuple(trusted_networks))
     proxies = network_set(tuple(trusted_proxies))
-    return all(ip is not None and ip in allowed for ip in client_ips(peer, headers, proxies))
+    client = connecting_address(peer, headers, proxy_token=proxy_token, behind_proxy=behind_proxy)
+    return all(ip is not None and ip in allowed for ip in client_ips(client, headers, proxies))

@@ -1,4 +1,4 @@
-"""One real Ray Serve graph for the whole test session, on a free port of 127.0.0.1."""
+"""One real Ray Serve graph for the whole test session, on a free port, behind HAProxy (the default)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from serve_app.dataplane import ray_environment
 from tests.conftest import REDIS_URL, write_configs
 from tests.support.env import environ
 from tests.support.fake_upstream import FakeUpstream
@@ -37,8 +38,11 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
     database_url = f"sqlite:///{folder / 'iir.db'}"
     port, metrics_port = free_port(), free_port()
     # Replica logs unbuffered (throughput-optimized Serve keeps 1,000 records), for the access-log test.
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
-           "HF_HUB_OFFLINE": "1",
+    # The shipped data plane: HAProxy on port 8000, via the iir-haproxy shim, with a proxy token.
+    env = {**ray_environment("haproxy", {}), "IIR_DATA_PLANE": "haproxy",
+           "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+           # Replicas drain 30 s at shutdown by default; the end of the session needs no such wait.
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
            "IIR_TEST_UPSTREAM_KEY": fake_upstream.api_key, "IIR_DATABASE_URL": database_url,
            "IIR_REDIS_URL": REDIS_URL,
            **{f"IIR_{k.upper()}": str(v) for k, v in configs.items()}}
@@ -50,7 +54,8 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            # All interfaces: tests/e2e/test_client_address.py calls from a network namespace.
+            serve.start(http_options={"host": "0.0.0.0", "port": port})
             serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
             base_url = f"http://localhost:{port}"
             wait_ready(base_url, timeout_s=240, all_models=True)

@@ -1,65 +1,92 @@
-"""Who the ingress thinks the caller is, behind Serve's real proxy, and whether that can be spoofed.
+"""Who the ingress thinks the caller is behind HAProxy (the shipped data plane), and whether that can be
+spoofed, from an untrusted host on a real network interface.
 
-Serve's proxy applies ``X-Forwarded-For`` only from a loopback peer (MEASUREMENTS.md). So a loopback
-caller can make itself look *untrusted*, never the reverse, and a non-loopback caller cannot make
-itself look trusted with the header.
+Behind HAProxy the ingress's TCP peer is HAProxy for every caller; HAProxy (patched by ``iir-haproxy``)
+states the client address beside the proxy token, and nothing a client sends can stand in for that.
+Serve's Python proxy is covered by tests/deploy/test_data_planes.py.
 """
 
 from __future__ import annotations
 
-import http.client
-import ipaddress
 import json
-import shutil
-import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 
-from serve_app.settings import DEFAULT_TRUSTED_NETWORKS
+from serve_app.dataplane import CLIENT_ADDRESS_HEADER, MARKER, PROXY_TOKEN_HEADER
 from tests.e2e.conftest import Graph
+from tests.support.graph_processes import haproxy_config_paths, ingress_ports
+from tests.support.netns import UntrustedHost, untrusted_host
+
+FORGED = [
+    {},
+    {"X-Forwarded-For": "127.0.0.1"},
+    {"X-Forwarded-For": "10.0.0.1, 127.0.0.1"},
+    {"Forwarded": "for=127.0.0.1"},
+    {"X-Real-IP": "127.0.0.1"},
+    {CLIENT_ADDRESS_HEADER: "127.0.0.1"},
+    {CLIENT_ADDRESS_HEADER: "127.0.0.1", PROXY_TOKEN_HEADER: "guessed"},
+]
 
 
-def _untrusted_local_ipv4() -> str | None:
-    """An address of this machine outside the default trusted networks (here: a TEST-NET address)."""
-    trusted = [ipaddress.ip_network(n) for n in DEFAULT_TRUSTED_NETWORKS]
-    if shutil.which("ip") is None:
-        return None
-    listing = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=False)
-    for line in listing.stdout.splitlines():
-        fields = line.split()
-        if "inet" in fields:
-            address = ipaddress.ip_interface(fields[fields.index("inet") + 1]).ip
-            if not any(address in net for net in trusted):
-                return str(address)
-    return None
+@pytest.fixture(scope="module")
+def stranger() -> Iterator[UntrustedHost]:
+    try:
+        with untrusted_host() as host:
+            yield host
+    except Exception as exc:  # not root, or no iproute2: nothing to test from
+        pytest.skip(f"no network namespace here: {exc}")
 
 
-def _create_key(graph: Graph, headers: dict[str, str], source: str | None = None) -> int:
-    parts = urlsplit(graph.base_url)
-    conn = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=30,
-                                      source_address=(source, 0) if source else None)
-    conn.request("POST", "/api/v1/apikeys", body=json.dumps({"description": "spoof"}),
-                 headers={"Content-Type": "application/json", **headers})
-    status = conn.getresponse().status
-    conn.close()
-    return status
+def _create_key(port: int, headers: dict[str, str]) -> dict[str, object]:
+    return {"port": port, "method": "POST", "path": "/api/v1/apikeys",
+            "body": json.dumps({"description": "spoof"}),
+            "headers": {"Content-Type": "application/json", **headers}}
 
 
 def test_loopback_caller_is_trusted(graph: Graph) -> None:
-    assert _create_key(graph, {}) == 201
+    r = requests.post(f"{graph.base_url}/api/v1/apikeys", json={"description": "local"}, timeout=30)
+    assert r.status_code == 201, r.text
 
 
-def test_forwarded_header_from_loopback_cannot_gain_trust_elsewhere(graph: Graph) -> None:
-    # The proxy believes a loopback peer's header: the caller now looks like 8.8.8.8, so it is refused.
-    assert _create_key(graph, {"X-Forwarded-For": "8.8.8.8"}) == 403
+def test_loopback_caller_stays_trusted_whatever_it_forwards(graph: Graph) -> None:
+    # HAProxy's statement names the connection's source; a client's X-Forwarded-For is its own say-so,
+    # believed only from a configured trusted proxy (none here).
+    r = requests.post(f"{graph.base_url}/api/v1/apikeys", json={"description": "local"}, timeout=30,
+                      headers={"X-Forwarded-For": "8.8.8.8"})
+    assert r.status_code == 201, r.text
 
 
-def test_untrusted_peer_cannot_spoof_loopback(graph: Graph) -> None:
-    source = _untrusted_local_ipv4()
-    if source is None:
-        pytest.skip("this machine has no local address outside the trusted networks")
-    assert _create_key(graph, {}, source) == 403
-    for header in ({"X-Forwarded-For": "127.0.0.1"}, {"Forwarded": "for=127.0.0.1"},
-                   {"X-Forwarded-For": "10.0.0.1, 127.0.0.1"}, {"X-Real-IP": "127.0.0.1"}):
-        assert _create_key(graph, header, source) == 403, header
+def test_untrusted_host_cannot_mint_keys_through_port_8000(graph: Graph, stranger: UntrustedHost,
+                                                           admin_headers: dict[str, str]) -> None:
+    port = urlsplit(graph.base_url).port
+    assert port is not None
+    results = stranger.requests([_create_key(port, headers) for headers in FORGED])
+    assert [r["status"] for r in results] == [403] * len(FORGED), results
+    assert all("trusted network address" in json.loads(r["body"])["error"]["message"] for r in results)
+    # The same host is served otherwise: the refusals are about trust, not reachability.
+    chat = stranger.requests([{"port": port, "method": "POST", "path": "/v1/chat/completions",
+                               "headers": {**admin_headers, "Content-Type": "application/json"},
+                               "body": json.dumps({"model": "fake/echo-chat", "max_tokens": 4,
+                                                   "messages": [{"role": "user", "content": "hi"}]})}])
+    assert chat[0]["status"] == 200, chat
+
+
+def test_untrusted_host_cannot_mint_keys_at_the_ingress_port(graph: Graph, stranger: UntrustedHost) -> None:
+    # HAProxy needs the replicas' own ports open on every interface; a caller going there directly
+    # bypasses HAProxy, and its peer address is its own.
+    ports = ingress_ports()
+    assert ports, "no ingress replica port found"
+    results = stranger.requests([_create_key(ports[0], headers) for headers in FORGED])
+    assert [r["status"] for r in results] == [403] * len(FORGED), results
+
+
+def test_haproxy_runs_the_patched_configuration(graph: Graph) -> None:
+    paths = haproxy_config_paths()
+    assert paths, "no HAProxy process found in this graph"
+    text = Path(paths[0]).read_text()
+    assert MARKER in text and f"set-header {CLIENT_ADDRESS_HEADER} %[src]" in text
+    assert graph.env["IIR_PROXY_TOKEN"] not in text  # HAProxy reads it from its environment

@@ -130,3 +130,65 @@ def test_bad_network_in_config_is_an_error() -> None:
 def test_parse_ip(text: str, expected: str | None) -> None:
     ip = parse_ip(text)
     assert (str(ip) if ip is not None else None) == expected
+
+
+# Behind HAProxy the TCP peer is HAProxy for every client (127.0.0.1 on one node, a node's private
+# address across nodes): only HAProxy's own statement, vouched for by the proxy token, names the client.
+TOKEN = "t0ken-" + "x" * 40
+HAPROXY_PEERS = ("127.0.0.1", "10.0.0.7")
+
+
+def stated(client: str, token: str = TOKEN) -> dict[str, str]:
+    return {"x-iir-client-addr": client, "x-iir-proxy-token": token}
+
+
+BEHIND_PROXY = [
+    pytest.param(stated("127.0.0.1"), True, id="local-client"),
+    pytest.param(stated("10.1.2.3"), True, id="inside-client"),
+    pytest.param(stated(OUTSIDER), False, id="outside-client"),
+    pytest.param(stated("127.0.0.1", "wrong"), False, id="wrong-token"),
+    pytest.param(stated("127.0.0.1", TOKEN[:-1]), False, id="token-prefix"),
+    pytest.param({"x-iir-client-addr": "127.0.0.1"}, False, id="no-token"),
+    pytest.param(None, False, id="nothing-stated"),
+    pytest.param(xff("127.0.0.1"), False, id="forged-xff"),
+    pytest.param(fwd("for=127.0.0.1") | {"x-real-ip": "127.0.0.1"}, False, id="forged-forwarded"),
+    pytest.param(stated(OUTSIDER) | xff("127.0.0.1"), False, id="outside-client-forged-xff"),
+    pytest.param(stated("not-an-ip"), False, id="garbage-address"),
+]
+
+
+@pytest.mark.parametrize("peer", HAPROXY_PEERS)
+@pytest.mark.parametrize(("headers", "allowed"), BEHIND_PROXY)
+def test_behind_haproxy_only_the_vouched_statement_counts(
+    peer: str, headers: Mapping[str, str] | None, allowed: bool
+) -> None:
+    assert is_allowed_ip(peer, headers, trusted_networks=INSIDE, proxy_token=TOKEN,
+                         behind_proxy=True) is allowed
+
+
+def test_behind_haproxy_without_a_token_no_address_is_trusted() -> None:
+    # An HAProxy started without the shim, or a token never shared: fail closed, even for loopback.
+    for headers in (None, stated("127.0.0.1"), stated("127.0.0.1", "")):
+        assert not is_allowed_ip("127.0.0.1", headers, trusted_networks=INSIDE, behind_proxy=True)
+
+
+def test_a_repeated_statement_is_refused() -> None:
+    headers = Headers(raw=[(b"x-iir-client-addr", b"127.0.0.1"), (b"x-iir-client-addr", OUTSIDER.encode()),
+                           (b"x-iir-proxy-token", TOKEN.encode())])
+    assert not is_allowed_ip("127.0.0.1", headers, trusted_networks=INSIDE, proxy_token=TOKEN,
+                             behind_proxy=True)
+
+
+def test_without_a_hiding_proxy_the_peer_counts_and_a_statement_needs_the_token() -> None:
+    # Serve's Python proxy: the peer is the client; a forged statement without the token changes nothing.
+    assert is_allowed_ip("127.0.0.1", stated(OUTSIDER, "guess"), trusted_networks=INSIDE, proxy_token=TOKEN)
+    assert not is_allowed_ip(OUTSIDER, stated("127.0.0.1", "guess"), trusted_networks=INSIDE,
+                             proxy_token=TOKEN)
+
+
+def test_load_balancer_in_front_of_haproxy() -> None:
+    # HAProxy states the LB's address; the LB is a trusted proxy, so its X-Forwarded-For names the client.
+    assert is_allowed_ip("127.0.0.1", stated(LB) | xff("10.1.2.3"), trusted_networks=INSIDE,
+                         trusted_proxies=LBS, proxy_token=TOKEN, behind_proxy=True)
+    assert not is_allowed_ip("127.0.0.1", stated(LB) | xff(OUTSIDER), trusted_networks=INSIDE,
+                             trusted_proxies=LBS, proxy_token=TOKEN, behind_proxy=True)
