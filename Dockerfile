@@ -139,7 +139,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN python -c "from pathlib import Path; from serve_app.routing.embedder import ensure_onnx, packaged_model_dir; \
 ensure_onnx(packaged_model_dir(), Path('/opt/iir-cache'))"
 USER 10001:10001
-# 8000: Serve's HTTP proxy (the API). 8265: the Ray dashboard, which `iir serve` alone binds to
+# 8000: the API (Ray's HAProxy in front of the ingress replicas; `iir serve` sets it up, IIR_DATA_PLANE=python
+# for Serve's Python proxy instead). 8265: the Ray dashboard, which `iir serve` alone binds to
 # 127.0.0.1 inside the container; docker-compose.yml starts the head with --dashboard-host=0.0.0.0.
 EXPOSE 8000 8265
 # Cold start (Ray + the graph + model load) takes 15-40 s; slower on a busy host.

@@ -48,7 +48,8 @@ import httpx  # noqa: E402
 from bench import local_model  # noqa: E402
 from bench.loadgen import CpuMeter, StepResult, Target, metered_step, run_step  # noqa: E402
 from bench.report import render  # noqa: E402
-from serve_app.dataplane import DataPlane, ray_environment  # noqa: E402
+from serve_app.dataplane import DataPlane  # noqa: E402
+from tests.support.env import data_plane_env  # noqa: E402
 from tests.support.net import free_port, wait_ready  # noqa: E402
 
 UPSTREAM_KEY = "sk-upstream-bench"
@@ -103,12 +104,12 @@ class Graph:
 
 @contextlib.contextmanager
 def iir_graph(configs: dict[str, Path], database_url: str, *, throughput_optimized: bool,
-              data_plane: DataPlane = "haproxy") -> Iterator[Graph]:
+              data_plane: DataPlane = "haproxy", ingress_replicas: int = 1) -> Iterator[Graph]:
     # Read by every Ray process (and by this driver's copy of Serve), so set before Ray is imported.
     # Serve's own defaults (not throughput-optimized) have no ingress port for HAProxy to send to.
     data_plane = data_plane if throughput_optimized else "python"
     os.environ.update({
-        **ray_environment(data_plane), "IIR_DATA_PLANE": data_plane,
+        **data_plane_env(data_plane),
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if throughput_optimized else "0",
         # Serve keeps a direct-ingress replica draining for 30 s at shutdown so outside load balancers
         # notice; nothing outside this script is watching, and the wait would be a sixth of the run.
@@ -130,7 +131,8 @@ def iir_graph(configs: dict[str, Path], database_url: str, *, throughput_optimiz
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
+        serve.run(build_app({"ingress_replicas": ingress_replicas}), name="iir", route_prefix="/",
+                  blocking=False)
         base_url = f"http://127.0.0.1:{port}"
         wait_ready(base_url, timeout_s=240)
         yield Graph(base_url=base_url, startup_s=time.perf_counter() - start)
@@ -140,6 +142,21 @@ def iir_graph(configs: dict[str, Path], database_url: str, *, throughput_optimiz
             serve.shutdown()
         ray.shutdown()
         print(f"graph shut down in {time.perf_counter() - stop:.1f} s", flush=True)
+
+
+def ingress_cpu_by_pid() -> dict[int, float]:
+    """CPU seconds of each ingress replica so far: how evenly HAProxy spreads the load across them."""
+    import psutil
+
+    found = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if ":Ingress" in " ".join(proc.cmdline()):
+                times = proc.cpu_times()
+                found[proc.pid] = times.user + times.system
+        except psutil.Error:
+            continue
+    return found
 
 
 def create_key(base_url: str) -> dict[str, str]:
@@ -185,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"fake upstream on {upstream.base_url} (pid {upstream.pid}); starting the graph", flush=True)
         database_url = f"sqlite:///{tmp}/iir.db"
         with iir_graph(configs, database_url, throughput_optimized=args.throughput_optimized,
-                       data_plane=args.data_plane) as graph:
+                       data_plane=args.data_plane, ingress_replicas=args.ingress_replicas) as graph:
             out["meta"]["startup_s"] = round(graph.startup_s, 1)
             print(f"graph ready on {graph.base_url} after {graph.startup_s:.1f} s", flush=True)
             headers = create_key(graph.base_url)
@@ -202,8 +219,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if ingress_url:
                 targets.append(Target("iir-ingress-port", f"{ingress_url}/v1/chat/completions", headers,
                                       "fake/echo-chat"))
+            ingress_before = ingress_cpu_by_pid()
             try:
                 asyncio.run(_remote_steps(targets, meter, args, steps))
+                out["meta"]["ingress_cpu_s_by_pid"] = spread = {
+                    pid: round(cpu - ingress_before.get(pid, 0.0), 1)
+                    for pid, cpu in ingress_cpu_by_pid().items()}
+                print(f"CPU seconds per ingress replica over the run: {spread}", flush=True)
                 if args.local_requests:
                     print("local model through the router...", flush=True)
                     out["local"]["router"] = asyncio.run(
@@ -224,6 +246,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
     return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "ray": version("ray"),
             "throughput_optimized": args.throughput_optimized, "data_plane": args.data_plane,
+            "ingress_replicas": args.ingress_replicas,
             "step_seconds": args.step_seconds,
             "max_requests": args.max_requests, "client": args.client,
             "upstream_delay_ms": args.upstream_delay_ms, "argv": sys.argv[1:]}
@@ -235,6 +258,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--data-plane", choices=["haproxy", "python"], default="haproxy",
                         help="what serves port 8000: Ray's HAProxy (IIR's default) or Serve's Python proxy")
+    parser.add_argument("--ingress-replicas", type=int, default=1,
+                        help="ingress replicas behind port 8000 (the iir-ingress-port row uses one of them)")
     parser.add_argument("--no-throughput-optimized", dest="throughput_optimized", action="store_false",
                         help="RAY_SERVE_THROUGHPUT_OPTIMIZED=0 (Serve's defaults); non-stream c=1/16 only")
     parser.add_argument("--step-seconds", type=float, default=6.0, help="timed length of each load step")

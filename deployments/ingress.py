@@ -34,14 +34,18 @@ class Ingress:
                  registry: DeploymentHandle, semantic_cache: DeploymentHandle,
                  policy: RoutingPolicy | None = None) -> None:
         auth_client = HandleClient(auth)
+        # Either word counts: the builder's setting, or Ray's own switch in this replica's process.
+        behind_proxy = settings.data_plane == "haproxy" or behind_haproxy()
+        if behind_proxy and settings.proxy_token is None:
+            logger.warning("behind HAProxy without IIR_PROXY_TOKEN: no client address is trusted; "
+                           "create keys with `iir keys create` (docs/SETUP.md)")
         self._gateway: Gateway = build_gateway(
             settings, verifier=auth_client, key_admin=auth_client,  # type: ignore[arg-type]
             classifier=HandleClient(classifier),  # type: ignore[arg-type]
             registry=HandleClient(registry),  # type: ignore[arg-type]
             local_engine=_model_handle, policy=policy,
             semantic=HandleClient(semantic_cache),  # type: ignore[arg-type]
-            # Either word counts: the builder's setting, or Ray's own switch in this replica's process.
-            behind_proxy=settings.data_plane == "haproxy" or behind_haproxy(),
+            behind_proxy=behind_proxy,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

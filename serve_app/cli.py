@@ -39,7 +39,10 @@ def _serve(args: argparse.Namespace) -> int:
     from serve_app.builder import build_app
 
     settings = Settings()  # again: the proxy token may be new
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=args.dashboard)
+    if args.address == "local":
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=args.dashboard)
+    else:  # a cluster `ray start` made: it read the data plane's variables when it started
+        ray.init(address=args.address)
     serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
     serve.run(build_app({}), name="iir", route_prefix="/", blocking=False)
     base_url = f"http://{settings.http_host}:{settings.http_port}"
@@ -278,6 +281,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iir", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve_cmd = sub.add_parser("serve", help="run the router on a local Ray (Ctrl-C stops it)")
+    serve_cmd.add_argument("--address", default="local",
+                           help="'local' (default): a new Ray of its own; 'auto' or HOST:PORT: join a "
+                                "cluster `ray start` made, with `iir dataplane env` in its environment")
     serve_cmd.add_argument("--num-cpus", type=int, default=None, help="logical CPUs for local Ray")
     serve_cmd.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                            help="skip the Ray dashboard (saves ~0.9 GB)")

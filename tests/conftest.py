@@ -15,6 +15,7 @@ from tests.db_fixtures import database_url, pg_database_url, store  # noqa: F401
 from tests.support.env import POSTGRES_URL, REDIS_URL  # noqa: F401 - imported from here by tests
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.llama_server import llama_server  # noqa: F401 - session fixture for every test
+from tests.support.netns import UntrustedHost, untrusted_host
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,6 +41,20 @@ def prompt_classifier() -> EmbeddingClassifier:
 def fake_upstream() -> Iterator[FakeUpstream]:
     with FakeUpstream(api_key="sk-upstream-test") as upstream:
         yield upstream
+
+
+@pytest.fixture(scope="session")
+def stranger() -> Iterator[UntrustedHost]:
+    """A host outside the trusted networks, in a network namespace (needs root; skips otherwise)."""
+    try:
+        host = untrusted_host()
+        entered = host.__enter__()
+    except Exception as exc:  # not root, or no iproute2
+        pytest.skip(f"no network namespace here: {exc}")
+    try:
+        yield entered
+    finally:
+        host.__exit__(None, None, None)
 
 
 def write_configs(folder: Path, upstream_base_url: str, llama_base_url: str | None = None, *,

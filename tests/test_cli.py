@@ -150,3 +150,26 @@ def test_bad_option_values_are_refused_by_the_parser(db_url: str, argv: list[str
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+
+
+def test_dataplane_env_prints_exports_for_ray_start(capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import shlex
+
+    def exports() -> dict[str, str]:
+        lines = capsys.readouterr().out.splitlines()
+        assert all(line.startswith("export ") for line in lines)
+        return dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in lines)
+
+    assert main(["dataplane", "env"]) == 0
+    made = exports()
+    assert made["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and made["IIR_DATA_PLANE"] == "haproxy"
+    assert made["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("/iir-haproxy")
+    assert len(made["IIR_PROXY_TOKEN"]) >= 32
+    # Run on the next node with the first node's token: the same token comes out.
+    monkeypatch.setenv("IIR_PROXY_TOKEN", made["IIR_PROXY_TOKEN"])
+    assert main(["dataplane", "env"]) == 0
+    assert exports()["IIR_PROXY_TOKEN"] == made["IIR_PROXY_TOKEN"]
+    assert main(["dataplane", "env", "--data-plane", "python"]) == 0
+    python = exports()
+    assert python["RAY_SERVE_ENABLE_HA_PROXY"] == "0" and "IIR_PROXY_TOKEN" not in python

@@ -265,3 +265,26 @@ def test_wheel_carries_the_migrations(tmp_path: Path) -> None:
                   if p.is_file() and "__pycache__" not in p.parts}
     assert {"serve_app/db/migrations/env.py", "serve_app/db/migrations/script.py.mako"} <= migrations
     assert migrations <= names, f"missing from the wheel: {sorted(migrations - names)}"
+
+
+# --------------------------------------------------------------------------------------------- data plane
+def test_every_way_of_starting_ray_uses_the_haproxy_data_plane(cluster_config: dict[str, Any]) -> None:
+    """Port 8000 is HAProxy through IIR's shim, with one proxy token, in each shipped set-up."""
+    # KubeRay: the variables on every pod, the token from the Secret.
+    cluster = _yaml(ROOT / "cluster" / "rayservice.yaml")["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
+        assert env["RAY_SERVE_HAPROXY_BINARY_PATH"]["value"] == "/opt/venv/bin/iir-haproxy"
+        assert env["IIR_PROXY_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "iir", "key": "proxy-token"}
+    # The cluster launcher: every `ray start` evaluates `iir dataplane env` with the mounted token.
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cluster_config[key] if "ray start" in c)
+        assert start.index("iir dataplane env") < start.index("ray start"), key
+        assert "~/.iir/proxy_token" in start, key
+    assert "/home/ubuntu/.iir/proxy_token" in cluster_config["file_mounts"]
+    # Compose: the head starts with the data plane's variables, and `iir serve` joins it.
+    command = " ".join(_yaml(ROOT / "docker-compose.yml")["services"]["iir"]["command"])
+    assert command.index("iir dataplane env") < command.index("ray start") < command.index(
+        "iir serve --address auto")

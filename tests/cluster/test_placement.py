@@ -20,7 +20,7 @@ import requests
 import yaml
 
 from serve_app.registry.catalog import resolve_source
-from tests.support.env import environ
+from tests.support.env import data_plane_env, environ
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.net import free_port, wait_ready
 
@@ -98,7 +98,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
     (folder / "models.yaml").write_text(yaml.safe_dump(MODELS))
     (folder / "providers.yaml").write_text(yaml.safe_dump({"providers": [
         {"name": "fake", "base_url": fake_upstream.base_url, "api_key_env": "IIR_TEST_UPSTREAM_KEY"}]}))
-    env = {"HF_HUB_OFFLINE": "1", "IIR_TEST_UPSTREAM_KEY": str(fake_upstream.api_key),
+    # Serve's Python proxy: the raylets of this one-machine cluster would each start an HAProxy wanting
+    # the same fixed ports. (Placement does not depend on the data plane; the trust rule behind HAProxy
+    # ignores the peer address, so it holds across nodes: tests/ingress/test_trusted_ip.py.)
+    env = {**data_plane_env("python"), "IIR_TEST_UPSTREAM_KEY": str(fake_upstream.api_key),
            "IIR_DATABASE_URL": f"sqlite:///{folder / 'iir.db'}", "IIR_MODELS_DIR": str(models_dir),
            "IIR_MODELS_CONFIG": str(folder / "models.yaml"),
            "IIR_PROVIDERS_CONFIG": str(folder / "providers.yaml"), "IIR_REGISTRY_POLL_S": "0.5"}

@@ -6,6 +6,7 @@ Runs before the shared graph of tests/e2e (directory order) so the two Ray clust
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -39,12 +40,24 @@ def _wait(url: str, timeout_s: float, *, any_answer: bool = False) -> requests.R
         time.sleep(2)
 
 
+def _dataplane_env() -> dict[str, str]:
+    """What docs/SETUP.md has the operator do before `ray start`: eval "$(iir dataplane env)"."""
+    printed = subprocess.run([str(BIN / "iir"), "dataplane", "env"], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+    pairs = (shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in printed.splitlines())
+    # HAProxy's stats and metrics ports: free ones, as another cluster on this machine may hold 8404/9101.
+    return {**dict(pairs), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     folder = tmp_path_factory.mktemp("cluster")
     dashboard_port = free_port()
-    env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "HF_HUB_OFFLINE": "1",
-           "IIR_DATABASE_URL": f"sqlite:///{folder / 'iir.db'}", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, "IIR_DATABASE_URL": f"sqlite:///{folder / 'iir.db'}",
+           "PATH": f"{BIN}:{os.environ['PATH']}", **_dataplane_env(),
+           # A redeploy drains the old ingress 30 s by default, for remote load balancers; none here.
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
     # --block keeps Ray's daemons under this process group, so teardown stops this cluster only
     # (`ray stop` would stop every Ray on the machine).
     head = subprocess.Popen(

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from serve_app.dataplane import ray_environment
 from tests.conftest import REDIS_URL, write_configs
-from tests.support.env import environ
+from tests.support.env import data_plane_env, environ
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.net import free_port, wait_ready
 
@@ -39,8 +38,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory, fake_upstream: FakeUpstream)
     port, metrics_port = free_port(), free_port()
     # Replica logs unbuffered (throughput-optimized Serve keeps 1,000 records), for the access-log test.
     # The shipped data plane: HAProxy on port 8000, via the iir-haproxy shim, with a proxy token.
-    env = {**ray_environment("haproxy", {}), "IIR_DATA_PLANE": "haproxy",
-           "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    env = {**data_plane_env("haproxy"), "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
            # Replicas drain 30 s at shutdown by default; the end of the session needs no such wait.
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
            "IIR_TEST_UPSTREAM_KEY": fake_upstream.api_key, "IIR_DATABASE_URL": database_url,

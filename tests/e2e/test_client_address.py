@@ -9,42 +9,16 @@ Serve's Python proxy is covered by tests/deploy/test_data_planes.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
 import requests
 
-from serve_app.dataplane import CLIENT_ADDRESS_HEADER, MARKER, PROXY_TOKEN_HEADER
+from serve_app.dataplane import CLIENT_ADDRESS_HEADER, MARKER
 from tests.e2e.conftest import Graph
 from tests.support.graph_processes import haproxy_config_paths, ingress_ports
-from tests.support.netns import UntrustedHost, untrusted_host
-
-FORGED = [
-    {},
-    {"X-Forwarded-For": "127.0.0.1"},
-    {"X-Forwarded-For": "10.0.0.1, 127.0.0.1"},
-    {"Forwarded": "for=127.0.0.1"},
-    {"X-Real-IP": "127.0.0.1"},
-    {CLIENT_ADDRESS_HEADER: "127.0.0.1"},
-    {CLIENT_ADDRESS_HEADER: "127.0.0.1", PROXY_TOKEN_HEADER: "guessed"},
-]
-
-
-@pytest.fixture(scope="module")
-def stranger() -> Iterator[UntrustedHost]:
-    try:
-        with untrusted_host() as host:
-            yield host
-    except Exception as exc:  # not root, or no iproute2: nothing to test from
-        pytest.skip(f"no network namespace here: {exc}")
-
-
-def _create_key(port: int, headers: dict[str, str]) -> dict[str, object]:
-    return {"port": port, "method": "POST", "path": "/api/v1/apikeys",
-            "body": json.dumps({"description": "spoof"}),
-            "headers": {"Content-Type": "application/json", **headers}}
+from tests.support.netns import FORGED_CLIENT_HEADERS as FORGED
+from tests.support.netns import UntrustedHost, chat_request, create_key_request
 
 
 def test_loopback_caller_is_trusted(graph: Graph) -> None:
@@ -64,14 +38,11 @@ def test_untrusted_host_cannot_mint_keys_through_port_8000(graph: Graph, strange
                                                            admin_headers: dict[str, str]) -> None:
     port = urlsplit(graph.base_url).port
     assert port is not None
-    results = stranger.requests([_create_key(port, headers) for headers in FORGED])
+    results = stranger.requests([create_key_request(port, headers) for headers in FORGED])
     assert [r["status"] for r in results] == [403] * len(FORGED), results
     assert all("trusted network address" in json.loads(r["body"])["error"]["message"] for r in results)
     # The same host is served otherwise: the refusals are about trust, not reachability.
-    chat = stranger.requests([{"port": port, "method": "POST", "path": "/v1/chat/completions",
-                               "headers": {**admin_headers, "Content-Type": "application/json"},
-                               "body": json.dumps({"model": "fake/echo-chat", "max_tokens": 4,
-                                                   "messages": [{"role": "user", "content": "hi"}]})}])
+    chat = stranger.requests([chat_request(port, admin_headers)])
     assert chat[0]["status"] == 200, chat
 
 
@@ -80,7 +51,7 @@ def test_untrusted_host_cannot_mint_keys_at_the_ingress_port(graph: Graph, stran
     # bypasses HAProxy, and its peer address is its own.
     ports = ingress_ports()
     assert ports, "no ingress replica port found"
-    results = stranger.requests([_create_key(ports[0], headers) for headers in FORGED])
+    results = stranger.requests([create_key_request(ports[0], headers) for headers in FORGED])
     assert [r["status"] for r in results] == [403] * len(FORGED), results
 
 

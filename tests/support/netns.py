@@ -16,6 +16,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from serve_app.dataplane import CLIENT_ADDRESS_HEADER, PROXY_TOKEN_HEADER
+
+# What an untrusted client might send to look local: none of it may work, in any data plane.
+FORGED_CLIENT_HEADERS: list[dict[str, str]] = [
+    {},
+    {"X-Forwarded-For": "127.0.0.1"},
+    {"X-Forwarded-For": "10.0.0.1, 127.0.0.1"},
+    {"Forwarded": "for=127.0.0.1"},
+    {"X-Real-IP": "127.0.0.1"},
+    {CLIENT_ADDRESS_HEADER: "127.0.0.1"},
+    {CLIENT_ADDRESS_HEADER: "127.0.0.1", PROXY_TOKEN_HEADER: "guessed"},
+]
+
 # Runs inside the namespace: sends each request and prints what came back (status, headers, body).
 _CLIENT = r"""
 import http.client, json, sys
@@ -33,6 +46,19 @@ for spec in json.loads(sys.argv[1]):
         conn.close()
 print(json.dumps(out))
 """
+
+
+def create_key_request(port: int, headers: dict[str, str]) -> dict[str, Any]:
+    return {"port": port, "method": "POST", "path": "/api/v1/apikeys",
+            "body": json.dumps({"description": "from an untrusted host"}),
+            "headers": {"Content-Type": "application/json", **headers}}
+
+
+def chat_request(port: int, headers: dict[str, str]) -> dict[str, Any]:
+    return {"port": port, "method": "POST", "path": "/v1/chat/completions",
+            "headers": {**headers, "Content-Type": "application/json"},
+            "body": json.dumps({"model": "fake/echo-chat", "max_tokens": 4,
+                                "messages": [{"role": "user", "content": "hi"}]})}
 
 
 @dataclass(frozen=True)
