@@ -123,6 +123,12 @@ def patch_haproxy_config(text: str, error_dir: str) -> str:
                 name = ERROR_FILES[_ERRORFILE_STATUS[status]][0]
                 out.append(f"    errorfile {status} {os.path.join(error_dir, name)}  {MARKER}")
                 continue
+        if section.startswith("backend http-") and stripped == "http-reuse always":
+            # "always" sends a client's first request over an idle connection to a replica; if that
+            # replica dies then, HAProxy closes the client's connection without a word. "safe" gives
+            # first requests a connection of their own, so a dead replica means our 503 instead.
+            out.append(f"    http-reuse safe  {MARKER}")
+            continue
         if section == "listen stats" and stripped.startswith("bind *:"):
             # The stats page lists every replica's address; no reason to publish it off the node.
             out.append(f"  bind 127.0.0.1:{stripped.removeprefix('bind *:')}  {MARKER}")

@@ -38,6 +38,9 @@ frontend http_frontend
     acl healthcheck path -i /-/healthz
     http-request return status 200 content-type text/plain string "success" if healthcheck
     default_backend default_backend
+backend http-iir
+    http-reuse always
+    server SERVE_REPLICA_iir-Ingress-1 127.0.0.1:{replica_port} check
 backend default_backend
     http-request return status 404 content-type text/plain string "Path not found"
 listen stats
@@ -50,7 +53,7 @@ listen stats
 def _ray_config(folder: Path) -> Path:
     (folder / "500.http").write_text("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
     path = folder / "haproxy.cfg"
-    path.write_text(RAY_CONFIG.format(dir=folder, port=18000, stats_port=18404))
+    path.write_text(RAY_CONFIG.format(dir=folder, port=18000, stats_port=18404, replica_port=18001))
     return path
 
 
@@ -81,6 +84,8 @@ def test_patch_states_the_client_replaces_error_files_and_is_idempotent(
     assert "secret-token" not in patched
     assert "500.http" not in patched and patched.count("iir-503.http") == 2
     assert "bind 127.0.0.1:18404" in patched and "bind *:18404" not in patched
+    # A client's first request never rides an idle connection to a replica that may have just died.
+    assert "http-reuse safe" in patched and "http-reuse always" not in patched
     assert patch_haproxy_config(patched, str(tmp_path)) == patched
     # The statement comes before any rule that answers or routes.
     lines = patched.splitlines()

@@ -159,6 +159,23 @@ async def run_rounds(targets: list[Target], litellm_pid: int, meter: CpuMeter,
     return rows
 
 
+async def iir_only_rounds(base_url: str, headers: dict[str, str], args: argparse.Namespace,
+                          ) -> dict[str, list[float]]:
+    """Port 8000 at c=1, rounds interleaved: the model named, ``model: "auto"`` (one Classifier call
+    more), and an exact cache hit (no upstream call at all). p50 ms of each, per round."""
+    url = f"{base_url}/v1/chat/completions"
+    targets = [Target("named", url, {**headers, **NO_STORE}, "fake/echo-chat"),
+               Target("auto", url, {**headers, **NO_STORE}, "auto"),
+               Target("cache-hit", url, headers, "fake/echo-chat")]  # the warm-up stores the entry
+    out: dict[str, list[float]] = {t.name: [] for t in targets}
+    for _ in range(args.rounds):
+        for target in targets:
+            result = await run_step(target, BODY, scenario="chat", concurrency=1,
+                                    duration_s=args.step_seconds, max_requests=args.max_requests)
+            out[target.name].append(round(result.p50_ms, 2))
+    return out
+
+
 def summary(rows: list[dict[str, Any]], direct: dict[tuple[str, int], float]) -> str:
     lines = ["| load | target | req/s | added p50 ms | CPU ms/req | req/s ÷ LiteLLM |",
              "|---|---|---|---|---|---|"]
@@ -194,15 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="A B rounds, interleaved (default 2)")
     parser.add_argument("--step-seconds", type=float, default=6.0)
     parser.add_argument("--max-requests", type=int, default=3000, help="cap per step")
+    parser.add_argument("--ingress-replicas", type=int, default=1,
+                        help="ingress replicas behind port 8000 (the ingress-port row uses one of them)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     ensure_litellm()
     with (tempfile.TemporaryDirectory(prefix="iir-peers-") as tmp, upstream_process() as upstream):
         from tests.conftest import write_configs
 
-        configs = write_configs(Path(tmp), upstream.base_url)
+        # Remote models only: the comparison is the gateway's own cost, and "auto" routes among them.
+        configs = write_configs(Path(tmp), upstream.base_url, local=False)
         with (litellm_proxy(upstream.base_url, Path(tmp)) as (litellm_url, litellm_pid),
-              iir_graph(configs, f"sqlite:///{tmp}/iir.db", throughput_optimized=True) as graph):
+              iir_graph(configs, f"sqlite:///{tmp}/iir.db", throughput_optimized=True,
+                        ingress_replicas=args.ingress_replicas) as graph):
             headers = create_key(graph.base_url)
             # LiteLLM is metered on its own (tree_cpu_s): none of its processes counts as IIR's.
             meter = CpuMeter(exclude_pids={upstream.pid, *tree_pids(litellm_pid)},
@@ -219,10 +240,16 @@ def main(argv: list[str] | None = None) -> int:
                                       {**headers, **NO_STORE}, "fake/echo-chat"))
             direct = asyncio.run(measure_direct(upstream.base_url, args))
             rows = asyncio.run(run_rounds(targets, litellm_pid, meter, args))
+            extra = asyncio.run(iir_only_rounds(graph.base_url, headers, args))
     table = summary(rows, direct)
+    median = {name: statistics.median(p50s) for name, p50s in extra.items()}
+    table += (f"\n\nPort 8000, c=1, p50 over rounds {extra}:\n"
+              f"- exact cache hit: {median['cache-hit']:.1f} ms end to end\n"
+              f"- model \"auto\" adds {median['auto'] - median['named']:+.1f} ms over naming the model")
     print("\n" + table)
     if args.json:
-        args.json.write_text(json.dumps({"litellm": LITELLM_VERSION, "rows": rows, "table": table}, indent=1))
+        args.json.write_text(json.dumps({"litellm": LITELLM_VERSION, "rows": rows, "iir_c1_p50": extra,
+                                         "table": table}, indent=1))
     return 0
 
 

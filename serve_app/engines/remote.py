@@ -24,12 +24,14 @@ import math
 import os
 import re
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
+from types import TracebackType
 from typing import Any
 
-import httpx
-from httpx_aiohttp import AiohttpTransport
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
 
 from serve_app import metrics
 from serve_app.engines.base import EngineBase
@@ -51,24 +53,52 @@ HEALTH_TIMEOUT_S = 3.0
 _CONNECT_RETRY_DELAY_S = 0.1
 # Upstream messages can quote our key prefix or organisation id; neither belongs in a caller's response.
 _SECRETS = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|org-[A-Za-z0-9]{6,})")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
-def make_http_client(timeout_s: float = 120.0, connect_timeout_s: float = 5.0) -> httpx.AsyncClient:
-    """One pooled client per provider, shared by all its models.
+class UpstreamClient:
+    """One pooled HTTP client per provider, shared by all its models: an ``aiohttp.ClientSession``,
+    made on first use because aiohttp binds it to the running event loop.
 
     The read timeout bounds the wait for each chunk (time to first token included), not the whole
     stream, so long generations are fine while a stalled upstream is not.
 
-    httpx's API over aiohttp's connection pool: httpx's own pool bookkeeping cost 7.3 ms of CPU per
-    request at 64 concurrent (encode/httpx#3215), aiohttp's ~0.2 ms (docs/PERFORMANCE.md).
+    aiohttp itself, not httpx: httpx's pool bookkeeping cost 7.3 ms of CPU per request at 64 concurrent
+    (encode/httpx#3215), and even over aiohttp's pool (httpx-aiohttp) httpx's request, response and
+    cookie handling cost ~1.0 ms of CPU per call against ~0.4 ms for aiohttp alone (16 concurrent,
+    against the fake upstream; a third of the ingress's CPU in bench/ingress_cpu.py's profile).
+    No cookie jar: an upstream's cookies must not carry from one caller's request into another's.
     """
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30.0)
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits),
-        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-        limits=limits,
-        follow_redirects=False,
-    )
+
+    def __init__(self, timeout_s: float = 120.0, connect_timeout_s: float = 5.0, *,
+                 connector: Callable[[], aiohttp.BaseConnector] | None = None) -> None:
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_connect=connect_timeout_s,
+                                             sock_read=timeout_s)
+        self._connector = connector or (lambda: aiohttp.TCPConnector(limit=512, keepalive_timeout=30.0))
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=self._connector(), timeout=self.timeout,
+                                                  cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> UpstreamClient:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+
+def make_http_client(timeout_s: float = 120.0, connect_timeout_s: float = 5.0) -> UpstreamClient:
+    return UpstreamClient(timeout_s, connect_timeout_s)
 
 
 class RemoteEngine(EngineBase):
@@ -79,7 +109,7 @@ class RemoteEngine(EngineBase):
         *,
         base_url: str,
         api_key: str | None,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         upstream_model: str | None = None,
         endpoint: str | None = None,
         provider: str = "upstream",
@@ -87,15 +117,17 @@ class RemoteEngine(EngineBase):
     ) -> None:
         self._base = base_url.rstrip("/")
         self._client = client
+        self._urls: dict[str, URL] = {}  # parsed once: yarl's parsing is a real share of a call's CPU
         self._model = upstream_model
         self._endpoint = endpoint.strip("/") if endpoint else None
         self._provider = provider
         self._key_env = api_key_env
         self._has_key = bool(api_key)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, provider: ProviderSpec, client: httpx.AsyncClient) -> RemoteEngine:
+    def from_spec(cls, spec: ModelSpec, provider: ProviderSpec, client: UpstreamClient) -> RemoteEngine:
         key = os.environ.get(provider.api_key_env) if provider.api_key_env else None
         if provider.api_key_env and not key:
             # Start anyway: one provider without a key must not keep the gateway down; health says why.
@@ -132,7 +164,7 @@ class RemoteEngine(EngineBase):
         body = self._body(request)
         body["stream"] = True
         async with (
-            self._open(_path_for(request), body, stream=True) as response,
+            self._open(_path_for(request), body) as response,
             aclosing(self._chunks(response)) as chunks,
         ):
             async for chunk in chunks:
@@ -155,19 +187,24 @@ class RemoteEngine(EngineBase):
         if self._key_env and not self._has_key:
             raise ServiceUnavailable(f"provider {self._provider!r}: {self._key_env} is not set")
         try:
-            resp = await self._client.get(self._url("models"), headers=self._headers,
-                                          timeout=HEALTH_TIMEOUT_S)
-        except httpx.HTTPError as exc:
+            timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+            async with self._client.session.get(self._url("models"), headers=self._headers,
+                                                timeout=timeout) as resp:
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise ServiceUnavailable(f"provider {self._provider!r} unreachable: {_describe(exc)}") from exc
         # A generic http service need not list models; reaching it with valid credentials is enough.
-        acceptable = resp.status_code < 500 if self._endpoint else resp.is_success
-        if resp.status_code in (401, 403) or not acceptable:
-            raise ServiceUnavailable(f"provider {self._provider!r} health check: HTTP {resp.status_code}")
+        acceptable = status < 500 if self._endpoint else 200 <= status < 300
+        if status in (401, 403) or not acceptable:
+            raise ServiceUnavailable(f"provider {self._provider!r} health check: HTTP {status}")
 
     # -- request plumbing -------------------------------------------------------------------------
 
-    def _url(self, path: str) -> str:
-        return f"{self._base}/{path}"
+    def _url(self, path: str) -> URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(f"{self._base}/{path}")
+        return url
 
     def _body(self, request: GenerateRequest | EmbeddingRequest) -> dict[str, Any]:
         # exclude_unset: forward what the caller sent (extra fields included), not defaults we filled in.
@@ -177,11 +214,12 @@ class RemoteEngine(EngineBase):
         return body
 
     async def _post_json(self, path: str, body: dict[str, Any], *, openai: bool = True) -> dict[str, Any]:
-        async with self._open(path, body, stream=False) as response:
-            try:
-                data = response.json()
-            except ValueError as exc:
-                raise UpstreamError(f"{self._who()} returned a response that is not JSON") from exc
+        async with self._open(path, body) as response:
+            raw = await self._read(response)
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise UpstreamError(f"{self._who()} returned a response that is not JSON") from exc
         # Some OpenAI-compatible servers report errors with a 200; a generic service's JSON is its own.
         if openai and isinstance(data, dict) and data.get("error"):
             raise _error_from_body(data, self._who(), code="upstream_error")
@@ -190,51 +228,63 @@ class RemoteEngine(EngineBase):
         return data
 
     @asynccontextmanager
-    async def _open(self, path: str, body: dict[str, Any], *, stream: bool) -> AsyncIterator[httpx.Response]:
-        """Send, retrying a failed connect once (nothing reached the upstream), and map error statuses."""
-        request = self._client.build_request("POST", self._url(path), json=body, headers=self._headers)
-        response = await self._send(request, stream=stream)
+    async def _open(self, path: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send, retrying a failed connect once, and map error statuses; the body is left to read."""
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        response = await self._send(self._url(path), data)
         try:
-            if response.status_code >= 400:
-                if stream:
-                    with contextlib.suppress(httpx.HTTPError):  # a lost error body still has its status
-                        await response.aread()
-                raise self._status_error(response)
+            if response.status >= 400:
+                raw = b""  # a lost error body still has its status
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    raw = await response.read()
+                raise self._status_error(response.status, response.headers, raw)
             yield response
         finally:
-            await response.aclose()
+            response.release()
 
-    async def _send(self, request: httpx.Request, *, stream: bool) -> httpx.Response:
+    async def _send(self, url: URL, data: bytes) -> aiohttp.ClientResponse:
         for attempt in (1, 2):
             try:
-                return await self._client.send(request, stream=stream)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                return await self._client.session.post(url, data=data, headers=self._json_headers,
+                                                       allow_redirects=False)
+            except aiohttp.SocketTimeoutError as exc:
+                raise UpstreamError(f"{self._who()} timed out: {_describe(exc)}",
+                                    code="upstream_timeout") from exc
+            except aiohttp.ClientConnectionError as exc:
+                # Nothing was answered: no connection, a connect timeout, or a pooled connection the
+                # upstream had already closed. One retry, as a restarting upstream deserves.
                 if attempt == 1:
                     metrics.UPSTREAM_RETRIES.inc(provider=self._provider)
                     await asyncio.sleep(_CONNECT_RETRY_DELAY_S)
                     continue
-                log.warning("%s: connect to %s failed twice: %s", self._who(), request.url, _describe(exc))
+                log.warning("%s: connect to %s failed twice: %s", self._who(), url, _describe(exc))
                 raise UpstreamError(f"could not connect to {self._who()}: {_describe(exc)}",
                                     code="upstream_unreachable") from exc
-            except httpx.TimeoutException as exc:
-                raise UpstreamError(f"{self._who()} timed out: {_describe(exc)}",
-                                    code="upstream_timeout") from exc
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 raise UpstreamError(f"{self._who()} request failed: {_describe(exc)}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _chunks(self, response: httpx.Response) -> AsyncGenerator[dict[str, Any]]:
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await response.read()
+        except TimeoutError as exc:
+            raise UpstreamError(f"{self._who()} timed out: {_describe(exc)}",
+                                code="upstream_timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"{self._who()} request failed: {_describe(exc)}") from exc
+
+    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any]]:
         """Yield each SSE ``data`` payload as it arrives; anything but a clean ``[DONE]`` raises."""
         try:
-            async for event, data in _sse_events(response):
+            async for event, data in _sse_events(response.content):
                 if data == "[DONE]":
                     return
                 chunk = _parse_chunk(event, data, self._who())
                 yield chunk
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:
             raise UpstreamError(f"{self._who()} stalled mid-stream: {_describe(exc)}",
                                 code="upstream_timeout") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError(f"{self._who()} stream was cut: {_describe(exc)}",
                                 code="upstream_stream_interrupted") from exc
         raise UpstreamError(f"{self._who()} stream ended without [DONE]", code="upstream_stream_interrupted")
@@ -242,9 +292,9 @@ class RemoteEngine(EngineBase):
     def _who(self) -> str:
         return f"upstream {self._provider!r}"
 
-    def _status_error(self, response: httpx.Response) -> IIRError:
-        status, who = response.status_code, self._who()
-        err = _openai_error(response)
+    def _status_error(self, status: int, headers: CIMultiDictProxy[str], raw: bytes) -> IIRError:
+        who = self._who()
+        err = _openai_error(raw)
         message = _clean(err.get("message") or f"HTTP {status}", brief=status >= 500)
         code = err.get("code") if isinstance(err.get("code"), str) else None
         level = logging.INFO if status < 500 and status not in (401, 403) else logging.WARNING
@@ -257,7 +307,7 @@ class RemoteEngine(EngineBase):
         if status == 429:
             if code == "insufficient_quota":  # our account's billing, not something the caller can wait out
                 return UpstreamError(f"{who} quota exhausted: {message}", code="upstream_quota_exhausted")
-            return RateLimited(f"{who}: {message}", headers=_retry_after(response))
+            return RateLimited(f"{who}: {message}", headers=_retry_after(headers))
         if status == 404:
             if code == "model_not_found" or "model" in message.lower():
                 return ModelNotFound(f"{who}: {message}", param="model")
@@ -267,17 +317,17 @@ class RemoteEngine(EngineBase):
         # The request passed our validation but not the upstream's: still the caller's to fix.
         if status in (400, 422):
             return InvalidRequest(message, param=_str_or_none(err.get("param")), code=code)
-        return UpstreamError(f"{who} failed (HTTP {status}): {message}", headers=_retry_after(response))
+        return UpstreamError(f"{who} failed (HTTP {status}): {message}", headers=_retry_after(headers))
 
 
 def _path_for(request: GenerateRequest) -> str:
     return "chat/completions" if isinstance(request, ChatCompletionRequest) else "completions"
 
 
-async def _sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+async def _sse_events(content: aiohttp.StreamReader) -> AsyncIterator[tuple[str, str]]:
     """Minimal server-sent-events reader: (event type, data) per blank-line-terminated event."""
     event, data = "message", list[str]()
-    async for line in response.aiter_lines():
+    async for line in _lines(content):
         if not line:
             if data:
                 yield event, "\n".join(data)
@@ -289,6 +339,21 @@ async def _sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]
         # ":" comments (keep-alives), "id:" and "retry:" carry nothing we forward.
     if data:  # a last event without its blank line still counts (it may be [DONE])
         yield event, "\n".join(data)
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """Lines ending in CRLF, CR or LF, as the bytes arrive (no limit on a line's length)."""
+    pending = b""
+    async for received in content.iter_any():
+        pending += received
+        # A CR at the end may be the first half of a CRLF: keep it until the next bytes say.
+        held = b"\r" if pending.endswith(b"\r") else b""
+        *lines, rest = _LINE_END.split(pending[:len(pending) - len(held)])
+        pending = rest + held
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+    if pending:
+        yield pending.removesuffix(b"\r").decode("utf-8", "replace")
 
 
 def _parse_chunk(event: str, data: str, who: str) -> dict[str, Any]:
@@ -308,9 +373,9 @@ def _error_from_body(body: Any, who: str, *, code: str) -> UpstreamError:
     return UpstreamError(f"{who} reported an error: {message}", code=code)
 
 
-def _openai_error(response: httpx.Response) -> dict[str, Any]:
+def _openai_error(raw: bytes) -> dict[str, Any]:
     try:
-        return _error_dict(response.json())
+        return _error_dict(json.loads(raw))
     except ValueError:
         return {}
 
@@ -331,11 +396,11 @@ def _error_dict(body: Any) -> dict[str, Any]:
     return {}
 
 
-def _retry_after(response: httpx.Response) -> dict[str, str]:
-    value = response.headers.get("retry-after")
+def _retry_after(headers: CIMultiDictProxy[str]) -> dict[str, str]:
+    value = headers.get("retry-after")
     if value:
         return {"Retry-After": value}
-    ms = response.headers.get("retry-after-ms")  # OpenAI sometimes sends only this one
+    ms = headers.get("retry-after-ms")  # OpenAI sometimes sends only this one
     try:
         return {"Retry-After": str(max(1, math.ceil(float(ms) / 1000)))} if ms else {}
     except ValueError:
@@ -356,7 +421,7 @@ def _str_or_none(value: Any) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    """httpx says "All connection attempts failed"; the cause it wraps says why, which operators need."""
+    """aiohttp says "Cannot connect to host …"; the cause it wraps says why, which operators need."""
     cause: BaseException | None = exc
     for _ in range(6):
         if cause is None:
@@ -366,8 +431,6 @@ def _describe(exc: BaseException) -> str:
         if isinstance(cause, socket.gaierror):
             return "host name not resolved"
         cause = cause.__cause__ or cause.__context__
-    if isinstance(exc, httpx.ReadTimeout):
+    if isinstance(exc, aiohttp.SocketTimeoutError):
         return "no data within the read timeout"
-    if isinstance(exc, httpx.PoolTimeout):
-        return "no free connection in the pool"  # our side is saturated, not the upstream
     return str(exc) or type(exc).__name__

@@ -6,6 +6,8 @@ dependency per request (measured: 4 of them cost ~0.6 ms of CPU per request here
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -52,6 +54,30 @@ async def inference_key(pipeline: PipelineDep, ctx: Context, key: CurrentKey) ->
 
 
 InferenceKey = Annotated[KeyInfo, Depends(inference_key)]
+
+
+@dataclass(slots=True, frozen=True)
+class ModelCall:
+    """What a model route needs once its caller's key may call models."""
+
+    pipeline: Pipeline
+    ctx: RequestContext
+    headers: Mapping[str, str]
+
+
+async def model_call(request: Request) -> ModelCall:
+    """``deps.InferenceKey``'s two steps (authenticate, require the inference scope), with the pipeline
+    and the context, as one dependency: FastAPI spends ~20 µs of CPU per dependency per request, and
+    this replaces five of them on the busiest routes. Like any dependency it runs before the body is
+    validated, so a request without a valid key gets 401 whatever its body."""
+    pipeline: Pipeline = request.app.state.pipeline
+    ctx = context_of(request.scope)
+    await pipeline.authenticate(ctx, request.headers.get("authorization"))
+    pipeline.require_inference(ctx)
+    return ModelCall(pipeline, ctx, request.headers)
+
+
+Call = Annotated[ModelCall, Depends(model_call)]
 
 
 def from_trusted_ip(request: Request, gateway: Gateway) -> bool:

@@ -8,10 +8,10 @@ import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 
-from serve_app.engines.remote import RemoteEngine, make_http_client
+from serve_app.engines.remote import RemoteEngine, UpstreamClient, make_http_client
 from serve_app.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -40,13 +40,13 @@ def _fresh(upstream: FakeUpstream) -> None:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client() -> AsyncIterator[UpstreamClient]:
     async with make_http_client(timeout_s=5, connect_timeout_s=1) as c:
         yield c
 
 
 @pytest.fixture
-def engine(upstream: FakeUpstream, client: httpx.AsyncClient) -> RemoteEngine:
+def engine(upstream: FakeUpstream, client: UpstreamClient) -> RemoteEngine:
     return RemoteEngine(base_url=upstream.base_url, api_key=KEY, client=client, upstream_model="echo-1",
                         provider="fake")
 
@@ -97,7 +97,7 @@ async def test_completion_request_default_max_tokens_is_not_forwarded(
 
 
 async def test_from_spec_reads_the_key_from_the_named_environment_variable(
-        upstream: FakeUpstream, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        upstream: FakeUpstream, client: UpstreamClient, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_UPSTREAM_KEY", KEY)
     spec = ModelSpec(id="fake/echo-chat", engine="openai", task="chat", source="echo-2")
     provider = ProviderSpec(name="fake", base_url=upstream.base_url, api_key_env="FAKE_UPSTREAM_KEY")
@@ -161,6 +161,29 @@ async def test_a_broken_stream_raises_instead_of_ending(
     assert len(received) == delivered  # what arrived before the break was passed on
 
 
+async def test_stream_lines_may_end_in_crlf_split_across_reads(client: UpstreamClient) -> None:
+    """SSE allows CRLF, CR or LF; a CRLF whose halves arrive in separate reads is one line end (two
+    would end the event early: its two data lines are one JSON object)."""
+    events = [b'data: {"choices": [{"delta":\r', b'\ndata: {"content": "a"}}]}\r\n\r\n',
+              b'data: {"choices": [{"delta": {"content": "b"}}]}\r\r', b"data: [DONE]\r\n\r\n"]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        for piece in events:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.01)  # each piece its own read
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        engine = RemoteEngine(base_url=f"http://127.0.0.1:{port}/v1", api_key=None, client=client)
+        chunks = await collect(engine, chat())
+    assert chat_text(chunks) == "ab"
+
+
 async def test_stream_error_status_raises_before_the_first_chunk(
         engine: RemoteEngine, upstream: FakeUpstream) -> None:
     upstream.fail_next(429, "slow down", headers={"Retry-After": "3"})
@@ -207,7 +230,7 @@ async def test_upstream_400_passes_its_message_to_the_caller(
 
 
 async def test_rejected_upstream_key_is_not_reported_as_the_callers_401(
-        upstream: FakeUpstream, client: httpx.AsyncClient) -> None:
+        upstream: FakeUpstream, client: UpstreamClient) -> None:
     engine = RemoteEngine(base_url=upstream.base_url, api_key="sk-wrong-key-0000", client=client)
     with pytest.raises(UpstreamError) as info:
         await engine.generate(chat())
@@ -215,14 +238,14 @@ async def test_rejected_upstream_key_is_not_reported_as_the_callers_401(
     assert "credentials" in info.value.message and "sk-wrong" not in info.value.message
 
 
-async def test_unknown_upstream_model_is_model_not_found(client: httpx.AsyncClient) -> None:
+async def test_unknown_upstream_model_is_model_not_found(client: UpstreamClient) -> None:
     with FakeUpstream(models=["real-model"]) as server:
         engine = RemoteEngine(base_url=server.base_url, api_key=None, client=client, upstream_model="nope")
         with pytest.raises(ModelNotFound, match="nope"):
             await engine.generate(chat())
 
 
-async def test_connection_refused_has_a_clear_message(client: httpx.AsyncClient) -> None:
+async def test_connection_refused_has_a_clear_message(client: UpstreamClient) -> None:
     with FakeUpstream() as server:
         dead_url = server.base_url  # the port is free again once the server stops
     engine = RemoteEngine(base_url=dead_url, api_key=KEY, client=client, provider="fake")
@@ -232,30 +255,28 @@ async def test_connection_refused_has_a_clear_message(client: httpx.AsyncClient)
     assert "could not connect to upstream 'fake': connection refused" in info.value.message
 
 
-class _RefuseFirstConnect(httpx.AsyncBaseTransport):
-    """A real transport whose first connection attempt fails, as when an upstream is restarting."""
+class _RefuseFirstConnect(aiohttp.TCPConnector):
+    """aiohttp's own connector, whose first connection attempt is refused, as when an upstream is
+    restarting."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.attempts = 0
-        self._inner = httpx.AsyncHTTPTransport()
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
         self.attempts += 1
         if self.attempts == 1:
-            raise httpx.ConnectError("connection refused", request=request)
-        return await self._inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
+            raise aiohttp.ClientConnectorError(req.connection_key, ConnectionRefusedError(111, "refused"))
+        return await super()._create_connection(req, traces, timeout)
 
 
 async def test_a_failed_connect_is_retried_once(upstream: FakeUpstream) -> None:
-    transport = _RefuseFirstConnect()
-    async with httpx.AsyncClient(transport=transport) as flaky:
+    connector = _RefuseFirstConnect()
+    async with UpstreamClient(5, 1, connector=lambda: connector) as flaky:
         engine = RemoteEngine(base_url=upstream.base_url, api_key=KEY, client=flaky)
         result = await engine.generate(chat())
     assert result["choices"][0]["message"]["content"] == expected_reply(PROMPT)
-    assert transport.attempts == 2 and len(upstream.requests) == 1
+    assert connector.attempts == 2 and len(upstream.requests) == 1
 
 
 async def test_a_read_timeout_is_not_retried(upstream: FakeUpstream) -> None:
@@ -294,7 +315,7 @@ async def test_embedding_default_encoding_is_not_forwarded(
 
 
 async def test_infer_posts_the_payload_to_the_endpoint(
-        upstream: FakeUpstream, client: httpx.AsyncClient) -> None:
+        upstream: FakeUpstream, client: UpstreamClient) -> None:
     engine = RemoteEngine(base_url=upstream.root_url, api_key=KEY, client=client, endpoint="/generic/echo")
     payload = {"prompt": "a cat", "duration_s": 3, "nested": {"x": [1, 2]}}
 
@@ -309,7 +330,7 @@ async def test_infer_is_refused_without_an_endpoint(engine: RemoteEngine) -> Non
         await engine.infer({"x": 1})
 
 
-async def test_health(engine: RemoteEngine, upstream: FakeUpstream, client: httpx.AsyncClient) -> None:
+async def test_health(engine: RemoteEngine, upstream: FakeUpstream, client: UpstreamClient) -> None:
     await engine.check_health()
     assert upstream.requests[-1].path == "/v1/models"
 
@@ -323,7 +344,7 @@ async def test_health(engine: RemoteEngine, upstream: FakeUpstream, client: http
 
 
 async def test_health_without_the_configured_key(
-        upstream: FakeUpstream, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        upstream: FakeUpstream, client: UpstreamClient, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FAKE_UPSTREAM_KEY", raising=False)
     spec = ModelSpec(id="fake/echo-chat", engine="openai", task="chat")
     provider = ProviderSpec(name="fake", base_url=upstream.base_url, api_key_env="FAKE_UPSTREAM_KEY")

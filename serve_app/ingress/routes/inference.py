@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.responses import Response
 
 from serve_app.errors import ModelNotFound
-from serve_app.ingress.deps import Context, GatewayDep, InferenceKey, PipelineDep
+from serve_app.ingress.deps import Call, GatewayDep, InferenceKey
 from serve_app.ingress.gateway import Gateway
 from serve_app.ingress.jobs import ClassifyJob, EmbedJob, GenerateJob, InferJob
 from serve_app.ingress.render import render
@@ -25,32 +25,31 @@ from serve_app.schemas import (
 router = APIRouter()
 
 
+
+
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, pipeline: PipelineDep,
-                           ctx: Context, _: InferenceKey) -> Response:
-    return render(ctx, await pipeline.run(ctx, GenerateJob(body, request.headers)))
+async def chat_completions(body: ChatCompletionRequest, call: Call) -> Response:
+    return render(call.ctx, await call.pipeline.run(call.ctx, GenerateJob(body, call.headers)))
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, pipeline: PipelineDep, ctx: Context,
-                      _: InferenceKey) -> Response:
-    return render(ctx, await pipeline.run(ctx, GenerateJob(body, request.headers)))
+async def completions(body: CompletionRequest, call: Call) -> Response:
+    return render(call.ctx, await call.pipeline.run(call.ctx, GenerateJob(body, call.headers)))
 
 
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, pipeline: PipelineDep, ctx: Context,
-                     _: InferenceKey) -> Response:
-    return render(ctx, await pipeline.run(ctx, EmbedJob(body)))
+async def embeddings(body: EmbeddingRequest, call: Call) -> Response:
+    return render(call.ctx, await call.pipeline.run(call.ctx, EmbedJob(body)))
 
 
 @router.post("/infer")
-async def infer(body: InferRequest, pipeline: PipelineDep, ctx: Context, _: InferenceKey) -> Response:
-    return render(ctx, await pipeline.run(ctx, InferJob(body)))
+async def infer(body: InferRequest, call: Call) -> Response:
+    return render(call.ctx, await call.pipeline.run(call.ctx, InferJob(body)))
 
 
 @router.post("/v1/classify")
-async def classify(body: ClassifyRequest, pipeline: PipelineDep, ctx: Context, _: InferenceKey) -> Response:
-    return render(ctx, await pipeline.run(ctx, ClassifyJob(body)))
+async def classify(body: ClassifyRequest, call: Call) -> Response:
+    return render(call.ctx, await call.pipeline.run(call.ctx, ClassifyJob(body)))
 
 
 @router.get("/v1/models")
