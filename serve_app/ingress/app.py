@@ -2,6 +2,7 @@
 
     RequestContextMiddleware   request id, RequestContext, access log and traffic metrics
       BodySizeLimitMiddleware  413 before any body is read
+        ModelRoutesFastPath    JSON POSTs to the model routes, without FastAPI (fast_path.py)
         routes                 parse → Pipeline (pipeline.py) → render (render.py)
         exception handlers     every error through errors.error_response
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +27,7 @@ from serve_app.errors import (
     NotFound,
     error_response,
 )
+from serve_app.ingress.fast_path import ModelRoutesFastPath, invalid_body
 from serve_app.ingress.gateway import Gateway
 from serve_app.ingress.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, context_of
 from serve_app.ingress.pipeline import Pipeline
@@ -34,7 +36,8 @@ from serve_app.ingress.routes import admin, health, inference
 logger = logging.getLogger(__name__)
 
 
-def create_app(gateway: Gateway) -> FastAPI:
+def create_app(gateway: Gateway, *, fast_path: bool = True) -> FastAPI:
+    """``fast_path=False`` leaves every request to FastAPI: tests/ingress/test_fast_path.py compares."""
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         for start in gateway.on_startup:
@@ -53,6 +56,12 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
+    # Innermost first: the fast path sees requests after the size limit and the request context.
+    routes = {path: replace(spec, route=next(r for r in inference.router.routes
+                                             if getattr(r, "path", None) == path))
+              for path, spec in inference.MODEL_ROUTES.items()}
+    if fast_path:
+        app.add_middleware(ModelRoutesFastPath, pipeline=app.state.pipeline, routes=routes)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=gateway.settings.max_request_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
@@ -65,15 +74,7 @@ async def _iir_error(request: Request, exc: IIRError) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     # Every malformed body is a 400 invalid_request_error naming the parameter, as OpenAI answers.
-    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        not_json = InvalidRequest("the request body is not valid JSON", code="invalid_json")
-        return await _iir_error(request, not_json)
-    message = first.get("msg", "invalid request")
-    param = ".".join(loc) or None
-    return await _iir_error(request, InvalidRequest(f"{param}: {message}" if param else message, param=param,
-                                                    code="invalid_value"))
+    return await _iir_error(request, invalid_body(list(exc.errors())))
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

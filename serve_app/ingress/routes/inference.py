@@ -9,7 +9,8 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from serve_app.errors import ModelNotFound
-from serve_app.ingress.deps import Call, GatewayDep, InferenceKey
+from serve_app.ingress.deps import Call, GatewayDep, InferenceKey, ModelCall
+from serve_app.ingress.fast_path import ModelRoute
 from serve_app.ingress.gateway import Gateway
 from serve_app.ingress.jobs import ClassifyJob, EmbedJob, GenerateJob, InferJob
 from serve_app.ingress.render import render
@@ -24,32 +25,45 @@ from serve_app.schemas import (
 
 router = APIRouter()
 
+# Each model route: its schema and the pipeline job it makes. The FastAPI routes below and the fast path
+# (serve_app/ingress/fast_path.py, which answers JSON bodies before FastAPI sees them) share this table.
+MODEL_ROUTES: dict[str, ModelRoute] = {
+    "/v1/chat/completions": ModelRoute(ChatCompletionRequest, GenerateJob),
+    "/v1/completions": ModelRoute(CompletionRequest, GenerateJob),
+    "/v1/embeddings": ModelRoute(EmbeddingRequest, lambda body, _: EmbedJob(body)),
+    "/infer": ModelRoute(InferRequest, lambda body, _: InferJob(body)),
+    "/v1/classify": ModelRoute(ClassifyRequest, lambda body, _: ClassifyJob(body)),
+}
 
+
+async def _run(path: str, body: Any, call: ModelCall) -> Response:
+    job = MODEL_ROUTES[path].job(body, call.headers)
+    return render(call.ctx, await call.pipeline.run(call.ctx, job))
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, call: Call) -> Response:
-    return render(call.ctx, await call.pipeline.run(call.ctx, GenerateJob(body, call.headers)))
+    return await _run("/v1/chat/completions", body, call)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, call: Call) -> Response:
-    return render(call.ctx, await call.pipeline.run(call.ctx, GenerateJob(body, call.headers)))
+    return await _run("/v1/completions", body, call)
 
 
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, call: Call) -> Response:
-    return render(call.ctx, await call.pipeline.run(call.ctx, EmbedJob(body)))
+    return await _run("/v1/embeddings", body, call)
 
 
 @router.post("/infer")
 async def infer(body: InferRequest, call: Call) -> Response:
-    return render(call.ctx, await call.pipeline.run(call.ctx, InferJob(body)))
+    return await _run("/infer", body, call)
 
 
 @router.post("/v1/classify")
 async def classify(body: ClassifyRequest, call: Call) -> Response:
-    return render(call.ctx, await call.pipeline.run(call.ctx, ClassifyJob(body)))
+    return await _run("/v1/classify", body, call)
 
 
 @router.get("/v1/models")
