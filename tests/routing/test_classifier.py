@@ -120,6 +120,21 @@ def test_a_result_depends_on_the_text_alone_not_on_its_batch(prompt_classifier: 
     assert alone == batched
 
 
+def test_hashed_ngrams_are_sklearns_to_the_bit() -> None:
+    """The serving path's n-grams (``HashedNGrams``) against ``HashingVectorizer.transform`` on every
+    request and context of the dataset, and a few edge cases: the head was trained on the latter."""
+    import numpy as np
+
+    from serve_app.routing.classifier import _CHAR_NGRAMS, _WORD_NGRAMS
+
+    train, validation, hard = load_dataset(DATA_DIR)
+    texts = [part for e in train + validation + hard for part in conversation_parts(e.conversation)]
+    texts += ["", "   ", "é" * 3000, "x = a+b; // ?!", "ありがとう ございます"]
+    for ngrams in (_CHAR_NGRAMS, _WORD_NGRAMS):
+        reference = ngrams.vectorizer.transform(texts).toarray().astype(np.float32)
+        assert np.array_equal(ngrams.transform(texts), reference)
+
+
 def test_long_turns_keep_their_head_and_tail() -> None:
     text = "intro " * 300 + "Please translate the paragraph above into French."
     request, context = conversation_parts([("user", text)])
