@@ -2,11 +2,11 @@
 
     application "iir" (serve deploy):
       Ingress ──(key-cache miss)──▶ Auth
-              ──(model: "auto")───▶ Classifier
               ──(opted-in miss)───▶ SemanticCache
               ──(long poll)───────▶ Registry ──creates, updates, drains──▶ applications "iir-model-<m>"
               ──(local model)─────▶ ModelReplica in "iir-model-<m>"   (handle from the registry snapshot)
               ──(remote model)────▶ provider over pooled HTTP, from the ingress process
+      (model: "auto" is classified inside each ingress process, on a worker thread: no hop)
 
 Local models are not bound here: the Registry deploys each as its own application once it has checked
 that the model fits the cluster (``serve_app.registry.model_applications`` says why).
@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application, Deployment
 
 from deployments.auth import Auth
-from deployments.classifier import Classifier
 from deployments.ingress import Ingress
 from deployments.model_replica import ModelReplica
 from deployments.registry import Registry
@@ -61,7 +60,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     io_bound: dict[str, Any] = {"max_ongoing_requests": 256,
                                 "ray_actor_options": {"num_cpus": build.service_num_cpus}}
     auth = _deployment(Auth).options(**io_bound).bind(settings)
-    classifier = _deployment(Classifier).options(**io_bound).bind(settings)
     # Each ingress replica keeps one long poll open here. No CPU reserved: it is idle but for refreshes
     # and status reads, like Serve's own controller, and a reservation here would be taken from the
     # models (on 2 CPUs, SmolLM2 1 + MiniLM 0.5 + the services fill the node).
@@ -75,7 +73,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return _deployment(Ingress).options(
         num_replicas=build.ingress_replicas, max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": build.ingress_num_cpus},
-    ).bind(settings, auth, classifier, registry, semantic_cache, policy)
+    ).bind(settings, auth, registry, semantic_cache, policy)
 
 
 def build_model_app(spec: ModelSpec) -> Application:

@@ -1,7 +1,7 @@
 """``ServeReplicas``: each local model of the registry runs as its own Serve application.
 
-    iir             Ingress, Auth, Classifier, Registry   ← serve deploy serve_config.yaml (declarative)
-    iir-model-<m>   ModelReplica for model <m>            ← created, updated, deleted by the Registry
+    iir             Ingress, Auth, SemanticCache, Registry  ← serve deploy serve_config.yaml (declarative)
+    iir-model-<m>   ModelReplica for model <m>              ← created, updated, deleted by the Registry
 
 Why separate applications: the Registry can add, change and drain a model without redeploying the
 ``iir`` application (its ingress keeps serving), and Serve keeps applications created through its

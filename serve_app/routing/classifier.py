@@ -195,7 +195,8 @@ class EmbeddingClassifier:
     def load(cls, head_path: Path, cache_dir: Path) -> EmbeddingClassifier:
         from serve_app.routing.embedder import OnnxEmbedder
 
-        return cls(OnnxEmbedder(cache_dir=cache_dir), ClassifierHead.load(head_path))
+        head = ClassifierHead.load(head_path)  # first: a missing head fails before the model's ~0.6 s load
+        return cls(OnnxEmbedder(cache_dir=cache_dir), head)
 
     def classify_many(self, conversations: Sequence[Conversation]) -> list[Classification]:
         x = features(self.embedder, conversations)
@@ -215,7 +216,8 @@ class EmbeddingClassifier:
         return results
 
     async def classify(self, conversation: Conversation) -> Classification:
-        """In-process use; the Serve deployment batches ``classify_many`` instead."""
+        """For tests and tools; the ingress runs ``classify_many`` on its own worker thread
+        (``serve_app/routing/in_process.py``)."""
         [result] = await asyncio.to_thread(self.classify_many, [conversation])
         return result
 

@@ -59,7 +59,7 @@ def two_ingress_replicas(graph: Graph) -> Iterator[str]:
     with environ(graph.env):
         settings = Settings()
     upstream = [serve.get_deployment_handle(name, app_name="iir")
-                for name in ("Auth", "Classifier", "Registry", "SemanticCache")]
+                for name in ("Auth", "Registry", "SemanticCache")]
     extra = Ingress.options(num_replicas=REPLICAS, ray_actor_options={"num_cpus": 0})
     serve.run(extra.bind(settings, *upstream), name=APP, route_prefix=f"/{APP}", blocking=False)
     url = f"{graph.base_url}/{APP}"

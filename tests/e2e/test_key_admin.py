@@ -2,7 +2,7 @@
 admin routes do: both go through ``AuthService``, which announces the change on Redis.
 
 The shared graph runs one ingress replica. Two more, in an application of their own bound to the graph's
-Auth, Classifier, Registry and SemanticCache, make the "every replica" claim mean something: each has its
+Auth, Registry and SemanticCache, make the "every replica" claim mean something: each has its
 own key cache and revocation listener. Each replica is reached on its own port (throughput-optimized
 Serve's direct ingress), never through the proxy, so the test knows which cache answered.
 """
@@ -107,7 +107,7 @@ def ingress_urls(graph: Graph) -> Iterator[list[str]]:
     with environ(graph.env):
         settings = Settings()  # what build_app gave the graph's own Ingress
     upstream = [serve.get_deployment_handle(name, app_name="iir")
-                for name in ("Auth", "Classifier", "Registry", "SemanticCache")]
+                for name in ("Auth", "Registry", "SemanticCache")]
     # No CPU reserved: the graph's 4 logical CPUs are spoken for by its models and services.
     extra = Ingress.options(num_replicas=EXTRA_REPLICAS, ray_actor_options={"num_cpus": 0})
     serve.run(extra.bind(settings, *upstream), name=EXTRA_APP, route_prefix=f"/{EXTRA_APP}", blocking=False)

@@ -83,7 +83,7 @@ def test_auto_routes_and_says_where(graph: Graph, admin_headers: dict[str, str])
     assert r.json()["model"] == r.headers["x-iir-model"]
 
 
-def test_classify_through_the_batched_classifier(graph: Graph, admin_headers: dict[str, str]) -> None:
+def test_classify_concurrently_through_the_ingress(graph: Graph, admin_headers: dict[str, str]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     prompts = {"code": "Why does my bash script say 'permission denied' when I run ./deploy.sh?",
@@ -95,7 +95,7 @@ def test_classify_through_the_batched_classifier(graph: Graph, admin_headers: di
         assert r.status_code == 200, r.text
         return dict(r.json())
 
-    # Concurrent calls share @serve.batch batches; each still gets its own answer.
+    # Concurrent calls queue for the ingress's one classifier thread; each still gets its own answer.
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(classify, [p for p in prompts.values() for _ in range(4)]))
     assert [r["category"] for r in results] == [c for c in prompts for _ in range(4)]

@@ -101,7 +101,7 @@ def test_the_default_graph_fits_a_two_cpu_machine() -> None:
     app = build_app({})
     ingress = app._bound_deployment
     deployments = [ingress, *(a._bound_deployment for a in ingress.init_args if isinstance(a, Application))]
-    assert {d.name for d in deployments} == {"Ingress", "Auth", "Classifier", "Registry", "SemanticCache"}
+    assert {d.name for d in deployments} == {"Ingress", "Auth", "Registry", "SemanticCache"}
     services = sum(d.ray_actor_options.get("num_cpus", 1) for d in deployments)
     models = sum(m.resources.num_cpus * m.autoscaling.max_replicas
                  for m in load_catalog(MODELS, PROVIDERS).local_models)
