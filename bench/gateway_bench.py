@@ -68,10 +68,10 @@ class Upstream:
 
 
 @contextlib.contextmanager
-def upstream_process(delay_ms: float = 0.0) -> Iterator[Upstream]:
+def upstream_process(delay_ms: float = 0.0, port: int = 0) -> Iterator[Upstream]:
     # Its own session: a Ctrl-C reaches only us, and we stop it in order (after Ray).
     command = [sys.executable, "-m", "bench.upstream_runner", "--api-key", UPSTREAM_KEY,
-               "--first-byte-delay-ms", str(delay_ms)]
+               "--first-byte-delay-ms", str(delay_ms), "--port", str(port)]
     proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

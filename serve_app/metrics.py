@@ -172,8 +172,13 @@ AUTH_FAILURES = Counter("iir_auth_failures", "401/403 by reason (missing, invali
 RATE_LIMITED = Counter("iir_rate_limited", "429s by the limit that was hit", ("limit",))
 UPSTREAM_ERRORS = Counter("iir_upstream_errors", "Model calls that failed, by model and error code",
                           ("model", "code"))
-UPSTREAM_RETRIES = Counter("iir_upstream_retries", "Calls to remote providers retried after a failed connect",
-                           ("provider",))
+UPSTREAM_RETRIES = Counter("iir_upstream_retries",
+                           "Model calls tried again, on the same model or another one, by the model that "
+                           "failed, why, and how (retry | fallback)", ("model", "reason", "how"))
+COOLDOWNS = Counter("iir_model_cooldowns", "Circuit breakers opened (a model cooled down), by model",
+                    ("model",))
+CIRCUIT_STATE = Gauge("iir_model_circuit_state", "Each model's breaker: 0 closed, 1 half-open, 2 open",
+                      ("model",))
 REDIS_FAIL_OPEN = Counter("iir_redis_fail_open", "Requests served without Redis (rate limits unchecked)",
                           ("component",))
 

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_s: float = Field(0.25, gt=0)
     rate_limit_key_prefix: str = "iir:rl:"  # per-key rate-limit counters in Redis live under this
+    cooldown_key_prefix: str = "iir:cooldown:"  # models cooling down (serve_app/routing/health.py)
 
     models_config: Path = REPO_CONFIGS / "models.yaml"
     providers_config: Path = REPO_CONFIGS / "providers.yaml"
@@ -77,6 +78,9 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(3600, ge=0)
     cache_timeout_s: float = Field(0.1, gt=0)
     cache_max_entry_bytes: int = Field(1_000_000, gt=0)
+    # Recently used entries kept in each ingress replica, in front of Redis (0: off).
+    cache_local_max_bytes: int = Field(32 * 2**20, ge=0)
+    cache_local_ttl_s: float = Field(10.0, gt=0)
     # Semantic cache (serve_app/cache/semantic.py), opt-in per model or request. The threshold was
     # chosen on data/semantic_cache/pairs.jsonl (bench/semantic_cache_bench.py).
     semantic_cache_threshold: float = Field(0.87, gt=0, le=1)

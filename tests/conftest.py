@@ -76,6 +76,11 @@ def write_configs(folder: Path, upstream_base_url: str, llama_base_url: str | No
          "semantic_cache": True},
         {"id": "fake/musicgen", "engine": "http", "task": "generic", "endpoint": "generic/echo"},
     ]
+    if local:
+        # One public id served by a provider and a local replica (issue 14): the provider first.
+        models["groups"] = [{"id": "mixed", "strategy": "weighted",
+                             "members": [{"model": "fake/echo-chat", "weight": 1e6},
+                                         {"model": "local/smollm2-135m", "weight": 1e-6}]}]
     providers = {"providers": [{"name": "fake", "base_url": upstream_base_url,
                                 "api_key_env": "IIR_TEST_UPSTREAM_KEY"}]}
     if llama_base_url:

@@ -15,6 +15,13 @@
 - **Usage on a hit**: the body keeps the original answer's ``usage`` (what it cost to produce); the
   key is charged one request and no tokens, since no model ran. Responses say
   ``x-iir-cache: hit | miss | bypass``.
+- **Hot entries in the ingress**: each ingress replica keeps the entries it recently read or stored in
+  memory (``IIR_CACHE_LOCAL_MAX_BYTES``, 32 MiB by default; 0 turns it off), so a repeated request is
+  answered without a Redis round trip (issue 13: an exact hit at c=1 through port 8000 went from ~4 ms
+  to under 3). An entry carries its own expiry, which the copy keeps; the copy also lives at most
+  ``IIR_CACHE_LOCAL_TTL_S`` (10 s), so an entry re-stored by another replica (``Cache-Control:
+  no-cache``) reaches this one within that. Only while Redis is available: when it is away the
+  cache is off (``bypass``) as before.
 - **Fail-open**: every Redis call has ``IIR_CACHE_TIMEOUT_S`` (0.1 s); a failure opens a ``FailOpen``
   guard (``serve_app/failopen.py``) and requests go on without the cache (``bypass``) until a
   background PING finds Redis again. ``/ready`` reports it. Without Redis at start (the embedded
@@ -36,10 +43,9 @@ from typing import Any, Literal, Protocol
 from redis.asyncio import Redis
 
 from serve_app import metrics
-from serve_app.cache.semantic import Probe, SemanticLookup, SemanticQuery, semantic_query
+from serve_app.cache.semantic import CacheTarget, Probe, SemanticLookup, SemanticQuery, semantic_query
 from serve_app.failopen import Backoff, FailOpen, describe
 from serve_app.redis_client import make_redis
-from serve_app.registry.catalog import ModelSpec
 from serve_app.schemas import GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -90,11 +96,54 @@ class CacheStats:
     semantic_errors: int = 0
 
 
+class HotEntries:
+    """Recently used entries, decoded, in this process: an LRU bounded in bytes (their encoded size).
+
+    Entries are shared between the requests that hit them: read-only.
+    """
+
+    def __init__(self, max_bytes: int, ttl_s: float) -> None:
+        self._entries: OrderedDict[str, tuple[float, int, dict[str, Any]]] = OrderedDict()
+        self._max_bytes = max_bytes
+        self._ttl_s = ttl_s
+        self._bytes = 0
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        expires, _, entry = found
+        if expires <= time.time():
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: dict[str, Any], size: int) -> None:
+        expires = min(float(entry.get("expires_at", 0)), time.time() + self._ttl_s)
+        if size > self._max_bytes or expires <= time.time():
+            return
+        self._drop(key)
+        self._entries[key] = (expires, size, entry)
+        self._bytes += size
+        while self._bytes > self._max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: str) -> None:
+        found = self._entries.pop(key, None)
+        if found is not None:
+            self._bytes -= found[1]
+
+
 class ResponseCache:
     def __init__(self, store: ResponseStore, *, scope: Literal["key", "global"], default_ttl_s: int,
                  max_entry_bytes: int, stats: CacheStats | None = None, prefix: str = "iir:rc:",
-                 semantic: SemanticLookup | None = None, semantic_timeout_s: float = 0.25) -> None:
+                 semantic: SemanticLookup | None = None, semantic_timeout_s: float = 0.25,
+                 local_max_bytes: int = 0, local_ttl_s: float = 10.0) -> None:
         self.store = store
+        # An in-process store already is local: no second copy in front of it.
+        self._hot = HotEntries(local_max_bytes, local_ttl_s) \
+            if local_max_bytes > 0 and not isinstance(store, MemoryResponseStore) else None
         self._semantic = semantic
         self._semantic_timeout_s = semantic_timeout_s
         # A dead index costs one timeout, then lookups are skipped for a while (1 s, doubling to 30 s).
@@ -110,7 +159,7 @@ class ResponseCache:
         self._writes: set[asyncio.Task[None]] = set()
         self.stats = stats or CacheStats()
 
-    def lookup(self, headers: Mapping[str, str], body: GenerateRequest, spec: ModelSpec,
+    def lookup(self, headers: Mapping[str, str], body: GenerateRequest, spec: CacheTarget,
                key_id: str) -> Lookup:
         ttl = self._default_ttl_s if spec.cache_ttl_s is None else spec.cache_ttl_s
         control = headers.get("cache-control", "").lower()
@@ -135,8 +184,7 @@ class ResponseCache:
         if lookup.key is None or not lookup.read or not self.store.available:
             self.stats.bypasses += 1
             return Found("bypass")
-        raw = await self.store.get(lookup.key)
-        entry = _decode(raw) if raw is not None else None
+        entry = await self._read(lookup.key)
         if entry is not None:
             self.stats.hits += 1
             return Found("hit", entry, "exact")
@@ -171,11 +219,20 @@ class ResponseCache:
             return Found("miss")
         self._semantic_guard.succeeded()
         if probe.key is not None:
-            raw = await self.store.get(probe.key)
-            entry = _decode(raw) if raw is not None else None
+            entry = await self._read(probe.key)
             if entry is not None:
                 return Found("hit", entry, "semantic", probe.similarity)
         return Found("miss", probe=probe)
+
+    async def _read(self, key: str) -> dict[str, Any] | None:
+        """The entry under ``key``: this process's copy, else the store's (then copied here)."""
+        if self._hot is not None and (entry := self._hot.get(key)) is not None:
+            return entry
+        raw = await self.store.get(key)
+        entry = _decode(raw) if raw is not None else None
+        if entry is not None and self._hot is not None:
+            self._hot.put(key, entry, len(raw or b""))
+        return entry
 
     def put_later(self, lookup: Lookup, entry: dict[str, Any], probe: Probe | None = None) -> None:
         """Store off the response path; an entry larger than ``IIR_CACHE_MAX_ENTRY_BYTES`` is skipped.
@@ -184,9 +241,13 @@ class ResponseCache:
         """
         if lookup.key is None:
             return
+        # Wall-clock expiry, in the entry: every replica's copy ends when the store's does.
+        entry["expires_at"] = round(time.time() + lookup.ttl_s, 3)
         raw = json.dumps(entry, separators=(",", ":")).encode()
         if len(raw) > self._max_entry_bytes:
             return
+        if self._hot is not None and self.store.available:
+            self._hot.put(lookup.key, entry, len(raw))
         task = asyncio.create_task(self._store(lookup, raw, probe))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)

@@ -45,7 +45,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from serve_app.failopen import Backoff, FailOpen
-from serve_app.registry.catalog import ModelSpec
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,19 @@ class SemanticLookup(Protocol):
     async def add(self, scope: str, probe: Probe, key: str, ttl_s: int) -> None: ...
 
 
-def semantic_query(headers: Mapping[str, str], body: GenerateRequest, spec: ModelSpec, namespace: str
+class CacheTarget(Protocol):
+    """What the caches key a request's target on: a model's spec, or a group's identity
+    (``serve_app/routing/router.py``, ``CacheIdentity``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def cache_ttl_s(self) -> int | None: ...
+    @property
+    def semantic_cache(self) -> bool: ...
+
+
+def semantic_query(headers: Mapping[str, str], body: GenerateRequest, spec: CacheTarget, namespace: str
                    ) -> SemanticQuery | None:
     """The request's scope and text, or None when it must not be matched semantically."""
     asked = headers.get(HEADER, "").lower()

@@ -34,8 +34,10 @@ class RemoteEngines:
                                      settings.upstream_connect_timeout_s)
             for p in catalog.providers
         }
+        default_connect_s = catalog.resilience.timeouts.connect_s
         self.engines: dict[str, InferenceEngine] = {
-            m.id: RemoteEngine.from_spec(m, catalog.provider(str(m.provider)), self._clients[str(m.provider)])
+            m.id: RemoteEngine.from_spec(m, catalog.provider(str(m.provider)), self._clients[str(m.provider)],
+                                         connect_timeout_s=m.timeouts.connect_s or default_connect_s)
             for m in catalog.models if not m.is_local
         }
 

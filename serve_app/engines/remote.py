@@ -9,14 +9,14 @@ name; responses and stream chunks come back untouched. Upstream failures become 
     upstream 413              → PayloadTooLarge
     upstream 429              → RateLimited carrying Retry-After (quota exhaustion → UpstreamError)
     upstream 5xx, other 4xx   → UpstreamError  code=upstream_error
-    connect error             → UpstreamError  code=upstream_unreachable (after one retry)
+    connect error             → UpstreamError  code=upstream_unreachable (a stale pooled connection is
+                                redone once on a fresh one; retries of requests are the plan's)
     timeout                   → UpstreamError  code=upstream_timeout
     stream cut / error event  → UpstreamError  code=upstream_stream_interrupted, raised from the iterator
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -33,7 +33,6 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from serve_app import metrics
 from serve_app.engines.base import EngineBase
 from serve_app.errors import (
     IIRError,
@@ -50,7 +49,6 @@ from serve_app.schemas import ChatCompletionRequest, EmbeddingRequest, GenerateR
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 3.0
-_CONNECT_RETRY_DELAY_S = 0.1
 # Upstream messages can quote our key prefix or organisation id; neither belongs in a caller's response.
 _SECRETS = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|org-[A-Za-z0-9]{6,})")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -114,9 +112,14 @@ class RemoteEngine(EngineBase):
         endpoint: str | None = None,
         provider: str = "upstream",
         api_key_env: str | None = None,
+        connect_timeout_s: float | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._client = client
+        # The provider's timeouts, with this model's own connect timeout where it has one.
+        base = client.timeout
+        self._timeout = base if connect_timeout_s is None else aiohttp.ClientTimeout(
+            total=base.total, connect=base.connect, sock_connect=connect_timeout_s, sock_read=base.sock_read)
         self._urls: dict[str, URL] = {}  # parsed once: yarl's parsing is a real share of a call's CPU
         self._model = upstream_model
         self._endpoint = endpoint.strip("/") if endpoint else None
@@ -127,7 +130,8 @@ class RemoteEngine(EngineBase):
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, provider: ProviderSpec, client: UpstreamClient) -> RemoteEngine:
+    def from_spec(cls, spec: ModelSpec, provider: ProviderSpec, client: UpstreamClient, *,
+                  connect_timeout_s: float | None = None) -> RemoteEngine:
         key = os.environ.get(provider.api_key_env) if provider.api_key_env else None
         if provider.api_key_env and not key:
             # Start anyway: one provider without a key must not keep the gateway down; health says why.
@@ -141,6 +145,7 @@ class RemoteEngine(EngineBase):
             endpoint=spec.endpoint if spec.engine == "http" else None,
             provider=provider.name,
             api_key_env=provider.api_key_env,
+            connect_timeout_s=connect_timeout_s,
         )
 
     def __repr__(self) -> str:  # shows up in logs and tracebacks: name the upstream, never the key
@@ -246,19 +251,20 @@ class RemoteEngine(EngineBase):
         for attempt in (1, 2):
             try:
                 return await self._client.session.post(url, data=data, headers=self._json_headers,
-                                                       allow_redirects=False)
+                                                       allow_redirects=False, timeout=self._timeout)
             except aiohttp.SocketTimeoutError as exc:
                 raise UpstreamError(f"{self._who()} timed out: {_describe(exc)}",
                                     code="upstream_timeout") from exc
-            except aiohttp.ClientConnectionError as exc:
-                # Nothing was answered: no connection, a connect timeout, or a pooled connection the
-                # upstream had already closed. One retry, as a restarting upstream deserves.
-                if attempt == 1:
-                    metrics.UPSTREAM_RETRIES.inc(provider=self._provider)
-                    await asyncio.sleep(_CONNECT_RETRY_DELAY_S)
-                    continue
-                log.warning("%s: connect to %s failed twice: %s", self._who(), url, _describe(exc))
+            except aiohttp.ClientConnectorError as exc:  # no connection at all: refused, unresolved
                 raise UpstreamError(f"could not connect to {self._who()}: {_describe(exc)}",
+                                    code="upstream_unreachable") from exc
+            except aiohttp.ClientConnectionError as exc:
+                # A pooled connection the upstream had already closed: once more on a fresh one. This
+                # is the transport's business; retrying a failed *request* is the plan's
+                # (serve_app/routing/plan.py), which may pick another model.
+                if attempt == 1:
+                    continue
+                raise UpstreamError(f"{self._who()} closed the connection: {_describe(exc)}",
                                     code="upstream_unreachable") from exc
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise UpstreamError(f"{self._who()} request failed: {_describe(exc)}") from exc

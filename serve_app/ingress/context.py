@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from serve_app.cache.exact import Found, Lookup
     from serve_app.ingress.admission import Release
     from serve_app.ingress.metering import Meter
+    from serve_app.routing.health import ModelHealth
     from serve_app.routing.router import Decision, Route
 
 UNCLASSIFIED = "unclassified"  # x-iir-category while the classifier is down and auto took the default
@@ -47,7 +48,10 @@ class RequestContext:
     request_id: str
     started: float = field(default_factory=time.perf_counter)
     key: KeyInfo | None = None
-    route: Route | None = None
+    route: Route | None = None  # the attempt in progress, then the one that answered
+    target: str = ""  # the model or group asked for (auto: the model it chose)
+    attempts: int = 0
+    fallback: bool = False  # a fallback answered, not the target
     decision: Decision | None = None  # /v1/classify: what auto would do, no model called
     cache_lookup: Lookup | None = None
     cache: Found | None = None
@@ -56,6 +60,7 @@ class RequestContext:
     headers: dict[str, str] = field(default_factory=dict)
     error: str | None = None  # the reason label of the error that ended the request
     _release: Release | None = None  # the admission ticket, while held
+    _occupied: ModelHealth | None = None  # the model this request is in flight on
     _in_flight: tuple[InFlight, str] | None = None
 
     def count_in_flight(self, gauge: InFlight, priority: int) -> None:
@@ -64,15 +69,24 @@ class RequestContext:
     def hold(self, release: Release) -> None:
         self._release = release
 
-    def release_admission(self) -> None:
-        """Give the model slot back (idempotent): after the model answered, or when the request ends."""
+    def occupy(self, health: ModelHealth) -> None:
+        """This request is now in flight on the model ``health`` follows (least-busy counts it)."""
+        health.started()
+        self._occupied = health
+
+    def release_model(self) -> None:
+        """Give the model slot back and leave its in-flight count (idempotent): after the model
+        answered, after a failed attempt, or, failing those, when the request ends."""
         release, self._release = self._release, None
         if release is not None:
             release()
+        occupied, self._occupied = self._occupied, None
+        if occupied is not None:
+            occupied.ended()
 
     def finish(self) -> None:
         """The response's last byte is sent, or the request failed or was abandoned."""
-        self.release_admission()
+        self.release_model()
         if self._in_flight is not None:
             gauge, label = self._in_flight
             self._in_flight = None
@@ -80,11 +94,12 @@ class RequestContext:
 
     @property
     def model(self) -> str:
-        return self.route.spec.id if self.route is not None else ""
+        """The model that served (or was last tried); before any attempt, what was asked for."""
+        return self.route.spec.id if self.route is not None else self.target
 
     @property
     def category(self) -> str | None:
-        decision = self.route.decision if self.route is not None else None
+        decision = self.decision or (self.route.decision if self.route is not None else None)
         if decision is None:
             return None
         return decision.classification.category if decision.classification is not None else UNCLASSIFIED
@@ -98,6 +113,10 @@ class RequestContext:
             fields["model"] = self.route.spec.id
             if (category := self.category) is not None:
                 fields["category"] = category
+        if self.target and self.target != self.model:
+            fields["target"] = self.target  # a group, or a model that fell back
+        if self.attempts > 1:
+            fields["attempts"] = self.attempts
         if self.cache is not None:
             found = self.cache
             fields["cache"] = found.outcome if found.match is None else f"{found.outcome}:{found.match}"

@@ -19,13 +19,14 @@ from serve_app.ingress.context import InFlight
 from serve_app.ingress.key_cache import KeyVerifier, RevocationListener, VerifiedKeyCache
 from serve_app.ingress.rate_limit import RateLimiter
 from serve_app.ingress.usage_recorder import UsageRecorder, UsageSink
-from serve_app.redis_client import make_redis
+from serve_app.redis_client import ChannelListener, make_redis
 from serve_app.registry.catalog import Catalog, load_catalog
 from serve_app.registry.follower import LocalEngineFactory, RegistryFollower, RegistrySource
 from serve_app.registry.hardware import launchable_nodes
 from serve_app.registry.in_process_models import InProcessReplicas
 from serve_app.registry.model_registry import ModelRegistry, RegistrySnapshot
 from serve_app.routing.classifier import RoutingPolicy
+from serve_app.routing.health import CooldownShare
 from serve_app.routing.router import ModelRouter, PromptClassifier
 from serve_app.schemas import ApiKeyCreate
 from serve_app.settings import Settings
@@ -91,13 +92,15 @@ def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAd
                             negative_max_size=settings.negative_key_cache_size,
                             stale_if_error_s=settings.key_stale_if_error_s)
     revocations = RevocationListener(keys, settings.redis_url)
+    cooldowns = CooldownShare(router.health, settings.redis_url, prefix=settings.cooldown_key_prefix)
     limiter, usage = _metering(settings, cast(UsageSink, key_admin))
     gateway = Gateway(settings=settings, keys=keys, key_admin=key_admin, router=router,
                       refresh_registry=follower.refresh, registry_snapshot=lambda: follower.snapshot,
                       revocations=revocations, limiter=limiter, usage=usage,
                       admission=Admission(settings.queue_timeout_s), behind_proxy=behind_proxy,
-                      on_startup=[follower.start, _started(revocations), usage.start],
-                      on_shutdown=[revocations.stop, follower.stop, usage.stop, limiter.aclose])
+                      on_startup=[follower.start, _started(revocations), _started(cooldowns), usage.start],
+                      on_shutdown=[revocations.stop, cooldowns.aclose, follower.stop, usage.stop,
+                                   limiter.aclose])
 
     async def start_cache() -> None:
         stats = CacheStats()
@@ -108,7 +111,9 @@ def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAd
                                           default_ttl_s=settings.cache_ttl_s,
                                           max_entry_bytes=settings.cache_max_entry_bytes, stats=stats,
                                           semantic=semantic,
-                                          semantic_timeout_s=settings.semantic_cache_timeout_s)
+                                          semantic_timeout_s=settings.semantic_cache_timeout_s,
+                                          local_max_bytes=settings.cache_local_max_bytes,
+                                          local_ttl_s=settings.cache_local_ttl_s)
 
     async def stop_cache() -> None:
         if gateway.cache is not None:
@@ -146,7 +151,7 @@ def _metering(settings: Settings, usage_sink: UsageSink) -> tuple[RateLimiter, U
     return limiter, usage
 
 
-def _started(listener: RevocationListener) -> Callable[[], Awaitable[None]]:
+def _started(listener: ChannelListener) -> Callable[[], Awaitable[None]]:
     async def start() -> None:
         listener.start()
 

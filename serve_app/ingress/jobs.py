@@ -53,8 +53,9 @@ class Job:
         """What ``model: "auto"`` classifies, as (role, text) turns."""
         return []
 
-    def cacheable(self, route: Route) -> GenerateRequest | None:
-        """The body the response cache keys on, or None when this endpoint is not cached."""
+    def cacheable(self) -> GenerateRequest | None:
+        """The body the response cache keys on (its ``model`` aside), or None when this endpoint is not
+        cached."""
         return None
 
     async def call(self, route: Route) -> dict[str, Any]:
@@ -91,8 +92,8 @@ class GenerateJob(Job):
             self._routed = self.body.model_copy(update={"model": route.spec.id})
         return self._routed
 
-    def cacheable(self, route: Route) -> GenerateRequest | None:
-        return self._for(route)
+    def cacheable(self) -> GenerateRequest | None:
+        return self.body
 
     async def call(self, route: Route) -> dict[str, Any]:
         result = await route.engine.generate(self._for(route))

@@ -15,20 +15,17 @@ keys get the verifier's 503, never a 401 that would tell a valid caller their ke
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 from serve_app.auth.keystore import MAX_KEY_CHARS, KeyInfo, hash_key
 from serve_app.auth.service import REVOKED_CHANNEL
-from serve_app.background import cancel_and_wait
 from serve_app.errors import AuthenticationFailed, IIRError, ServiceUnavailable
-from serve_app.failopen import Backoff, FailOpen
-from serve_app.redis_client import make_redis
+from serve_app.redis_client import ChannelListener
 
 logger = logging.getLogger(__name__)
 
@@ -189,106 +186,19 @@ class VerifiedKeyCache:
             self._hits.popitem(last=False)
 
 
-class RevocationListener:
-    """Subscribes to the revocation channel and drops announced keys from a cache.
+class RevocationListener(ChannelListener):
+    """Subscribes to the revocation channel and drops announced keys from a cache; on reconnecting it
+    clears the cache, since revocations sent meanwhile were lost."""
 
-    Runs as one asyncio task. When Redis is away it retries with capped, jittered backoff, warns once
-    per outage, and on reconnecting clears the cache, since revocations sent meanwhile were lost.
-    """
-
-    def __init__(
-        self,
-        cache: VerifiedKeyCache,
-        redis_url: str,
-        *,
-        channel: str = REVOKED_CHANNEL,
-        timeout_s: float = 1.0,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 30.0,
-        ping_interval_s: float = 5.0,
-    ) -> None:
+    def __init__(self, cache: VerifiedKeyCache, redis_url: str, *, channel: str = REVOKED_CHANNEL,
+                 **options: Any) -> None:
+        super().__init__(redis_url, channel, what="revocation listener",
+                         while_away="cached keys fall back to their TTL",
+                         on_reconnect=cache.invalidate_all, **options)
         self._cache = cache
-        self._redis_url = redis_url
-        self._channel = channel
-        self._timeout_s = timeout_s
-        self._ping_interval_s = ping_interval_s
-        self._task: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
-        self._guard = FailOpen(
-            logger, backoff=Backoff(backoff_s, max_backoff_s, jitter=True),
-            lost="revocation listener lost Redis (%(error)s); retrying, cached keys fall back to their TTL",
-            back="revocation listener reconnected; clearing the key cache")
-        self.failures = 0  # connection attempts that failed since start; for health output and tests
 
-    @property
-    def subscribed(self) -> bool:
-        return self._subscribed.is_set()
-
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="iir-revocation-listener")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
-
-    async def wait_subscribed(self, timeout_s: float) -> bool:
-        try:
-            await asyncio.wait_for(self._subscribed.wait(), timeout_s)
-            return True
-        except TimeoutError:
-            return False
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Anything at all: this task must outlive every Redis or client-library failure.
-                self.failures += 1
-                self._guard.failed(exc)
-            finally:
-                self._subscribed.clear()
-            await asyncio.sleep(self._guard.backoff.retry_in())
-
-    async def _session(self) -> NoReturn:
-        # No retries in the client: failures come to _run, which knows to clear the cache.
-        client = make_redis(self._redis_url, timeout_s=self._timeout_s)
-        pubsub = client.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self._channel)
-            if self._guard.succeeded():  # after a gap: revocations sent meanwhile were lost
-                self._cache.invalidate_all()
-            self._subscribed.set()
-            await self._pump(pubsub)
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-            with contextlib.suppress(Exception):
-                await client.aclose()
-
-    async def _pump(self, pubsub: Any) -> NoReturn:
-        # Our own PINGs detect a silently dead connection (no RST), which a blocking read never would.
-        last_seen = last_ping = time.monotonic()
-        while True:
-            msg = await pubsub.get_message(timeout=min(1.0, self._ping_interval_s))
-            now = time.monotonic()
-            if msg is not None:
-                last_seen = now
-                self._handle(msg)
-            if now - last_seen > 3 * self._ping_interval_s:
-                raise ConnectionError("no reply from Redis to PING")
-            if now - last_ping >= self._ping_interval_s:
-                last_ping = now
-                await pubsub.ping()
-
-    def _handle(self, msg: dict[str, Any]) -> None:
-        if msg.get("type") != "message":
-            return
-        data = msg.get("data")
-        key_hash = data.decode("ascii", "replace") if isinstance(data, bytes) else str(data)
+    def handle(self, data: str) -> None:
+        key_hash = data
         if key_hash == ALL_KEYS:
             self._cache.invalidate_all()
         else:

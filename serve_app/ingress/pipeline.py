@@ -1,7 +1,11 @@
 """The request pipeline: the ordered steps every model endpoint runs.
 
-    authenticate → limit → route → cache → admit → call → meter → store → log
-    (deps.py)       ─────────────────── Pipeline.run ───────────────────   (middleware.py)
+    authenticate → limit → route → cache → [admit → call]… → meter → store → log
+    (deps.py)       ─────────────────── Pipeline.run ───────────────────────   (middleware.py)
+
+``route`` makes the request's plan (a model, a group's members, fallbacks; serve_app/routing/plan.py);
+admit and call run once per attempt until one answers (retries, fallbacks, cooldowns: docs/ARCHITECTURE.md,
+"Resilient routing").
 
 Routes only parse, build a ``Job`` (jobs.py) and render the ``Answer``; every step reads and writes the
 ``RequestContext`` it is handed. Each step is one method here, so a new one (a fallback, a retry, a
@@ -11,20 +15,25 @@ metering adds to counters that a background task sends, and the cache stores aft
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from serve_app import metrics
 from serve_app.auth.keystore import KeyInfo
 from serve_app.cache import exact as response_cache
-from serve_app.errors import PermissionDenied
+from serve_app.errors import IIRError, PermissionDenied, UpstreamError
 from serve_app.ingress import sse
-from serve_app.ingress.context import RequestContext
+from serve_app.ingress.context import UNCLASSIFIED, RequestContext
 from serve_app.ingress.gateway import Gateway
 from serve_app.ingress.jobs import Job
 from serve_app.ingress.metering import Meter
-from serve_app.routing.router import AUTO_MODELS, Route
+from serve_app.routing.plan import Failure, Plan, classify
+from serve_app.routing.router import AUTO_MODELS, Decision, Route
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -60,54 +69,55 @@ class Pipeline:
 
     async def run(self, ctx: RequestContext, job: Job) -> Answer:
         await self._limit(ctx)
-        route = await self._route(ctx, job)
-        if route is None:  # /v1/classify: the decision is the answer
+        plan = await self._route(ctx, job)
+        if plan is None:  # /v1/classify: the decision is the answer
             assert ctx.decision is not None
             return Answer(job.answer(ctx.decision))
-        if (hit := await self._cache(ctx, job, route)) is not None:
+        if (hit := await self._cache(ctx, job, plan)) is not None:
             return hit
-        await self._admit(ctx, route)
         if job.streaming:
-            return await self._call_stream(ctx, job, route)
-        try:
-            result = await job.call(route)
-        finally:
-            ctx.release_admission()
-        self._meter(ctx, route).record(result.get("usage"))
-        self._store(ctx, {"kind": "json", "body": result})
+            return await self._call_stream(ctx, job, plan)
+        route, result = await self._attempts(ctx, plan, job.call)
+        ctx.release_model()
+        self._meter(ctx, route.spec.id).record(result.get("usage"))
+        self._store(ctx, plan, {"kind": "json", "body": result})
         return Answer(result)
 
-    # 2. limit: before anything costly (classifier, model); it also costs the Classifier's CPU
+    # 2. limit: before anything costly (classifier, model)
     async def _limit(self, ctx: RequestContext) -> None:
         assert ctx.key is not None
         ctx.headers.update(await self._gateway.limiter.check(ctx.key))
 
-    # 3. route: the named model, or what auto chose; classify stops at the decision
-    async def _route(self, ctx: RequestContext, job: Job) -> Route | None:
+    # 3. route: the plan for the named model or group, or for what auto chose; classify stops at the
+    #    decision
+    async def _route(self, ctx: RequestContext, job: Job) -> Plan | None:
         router = self._gateway.router
         if job.model is None:
             ctx.decision = await router.decide(job.conversation())
             return None
         conversation = job.conversation() if job.model in AUTO_MODELS else []
-        route = ctx.route = await router.resolve(job.model, conversation)
-        ctx.headers["x-iir-model"] = route.spec.id
-        if route.decision is not None:
-            ctx.headers["x-iir-category"] = ctx.category or ""
-            if (result := route.decision.classification) is not None:
+        plan = await router.plan(job.model, conversation)
+        ctx.target = plan.target
+        ctx.headers["x-iir-model"] = plan.target
+        if plan.decision is not None:
+            ctx.decision = plan.decision
+            ctx.headers["x-iir-category"] = _category(plan.decision)
+            if (result := plan.decision.classification) is not None:
                 ctx.headers["x-iir-confidence"] = f"{result.confidence:.3f}"
-        return route
+        return plan
 
     # 4. cache: exact, then (opted in) semantic; a hit answers without admission or a model
-    async def _cache(self, ctx: RequestContext, job: Job, route: Route) -> Answer | None:
+    async def _cache(self, ctx: RequestContext, job: Job, plan: Plan) -> Answer | None:
         cache = self._gateway.cache
-        body = job.cacheable(route)
-        if body is None:
+        body = job.cacheable()
+        identity = self._gateway.router.cache_identity(plan.target)
+        if body is None or identity is None:
             return None
         if cache is None:
             found = response_cache.Found("bypass")
         else:
             assert ctx.key is not None
-            ctx.cache_lookup = cache.lookup(job.headers, body, route.spec, ctx.key.id)
+            ctx.cache_lookup = cache.lookup(job.headers, body, identity, ctx.key.id)
             found = await cache.get(ctx.cache_lookup)  # exact
             if found.outcome == "miss":
                 found = await cache.get_similar(ctx.cache_lookup)  # then by meaning, where opted in
@@ -117,10 +127,10 @@ class Pipeline:
             ctx.headers[response_cache.MATCH_HEADER] = found.match
         if found.similarity is not None:
             ctx.headers[response_cache.SIMILARITY_HEADER] = f"{found.similarity:.3f}"
-        metrics.CACHE_LOOKUPS.inc(model=route.spec.id, result=found.outcome, match=found.match or "")
+        metrics.CACHE_LOOKUPS.inc(model=plan.target, result=found.outcome, match=found.match or "")
         if found.entry is None:
             return None
-        self._meter(ctx, route).record(None)  # a hit: one request, no tokens; the body keeps its usage
+        self._meter(ctx, plan.target).record(None)  # a hit: one request, no tokens; the body keeps its usage
         entry = found.entry
         if entry["kind"] == "json":
             return Answer(entry["body"])
@@ -128,9 +138,10 @@ class Pipeline:
 
         async def replay() -> AsyncIterator[dict[str, Any]]:
             for chunk in chunks:
-                yield chunk
+                yield dict(chunk)  # the entry is shared with other hits; the stream sets "model"
 
-        return Answer(None, next(chunks, None), replay())
+        first = next(chunks, None)
+        return Answer(None, dict(first) if first is not None else None, replay())
 
     # 5. admit: wait, by key priority, for room on a full local model (admission.py)
     async def _admit(self, ctx: RequestContext, route: Route) -> None:
@@ -139,38 +150,116 @@ class Pipeline:
         assert ctx.key is not None
         ctx.hold(await self._gateway.admission.enter(route.spec.id, route.capacity, ctx.key.priority))
 
-    # 6-8. call, meter and store, for a stream: the meter and the cache read it as it passes
-    async def _call_stream(self, ctx: RequestContext, job: Job, route: Route) -> Answer:
-        chunks = self._meter(ctx, route).stream(_releasing(job.stream(route), ctx),
-                                                 strip_usage=not job.client_wants_usage)
+    # 6. call: each attempt of the plan in turn (serve_app/routing/plan.py), until one answers; for a
+    #    stream, until one gives its first chunk (never after: a cut stream ends with an error event)
+    async def _attempts(self, ctx: RequestContext, plan: Plan, call: Callable[[Route], Awaitable[T]]
+                        ) -> tuple[Route, T]:
+        failure: Failure | None = None
+        error: IIRError | None = None
+        while (attempt := plan.next(failure, error)) is not None:
+            if error is not None and ctx.route is not None:
+                metrics.UPSTREAM_RETRIES.inc(model=ctx.route.spec.id, reason=error.code or "",
+                                             how="fallback" if attempt.fallback else "retry")
+            if attempt.wait_s:
+                await asyncio.sleep(attempt.wait_s)
+            route = ctx.route = attempt.route
+            ctx.attempts = plan.attempts
+            health = attempt.health
+            await self._admit(ctx, route)
+            ctx.occupy(health)
+            started = time.perf_counter()
+            answered = False
+            try:
+                async with asyncio.timeout(attempt.timeout_s):
+                    result = await call(route)
+                answered = True
+            except Exception as exc:
+                failure = classify(exc)
+                if failure.kind == "final":
+                    raise
+                error = _as_error(exc, route.spec.id, attempt.timeout_s)
+                if failure.kind == "retry":
+                    health.failed(failure.severity, error.code or type(error).__name__,
+                                  failure.retry_after_s)
+                continue
+            finally:
+                if not answered:
+                    ctx.release_model()
+            health.answered(time.perf_counter() - started)
+            ctx.fallback = attempt.fallback
+            ctx.headers["x-iir-model"] = route.spec.id
+            ctx.headers["x-iir-attempts"] = str(plan.attempts)
+            if attempt.fallback:
+                ctx.headers["x-iir-fallback"] = plan.target
+            return route, result
+        raise plan.exhausted()
+
+    async def _call_stream(self, ctx: RequestContext, job: Job, plan: Plan) -> Answer:
+        async def first_chunk(route: Route) -> tuple[dict[str, Any] | None, AsyncIterator[dict[str, Any]]]:
+            chunks = job.stream(route)
+            try:
+                return await anext(chunks), chunks
+            except StopAsyncIteration:
+                return None, chunks
+            except BaseException:
+                await _close(chunks)
+                raise
+
+        route, (first, rest) = await self._attempts(ctx, plan, first_chunk)
+        # 7-8. meter and store, as the stream passes
+        chunks = self._meter(ctx, route.spec.id).stream(_finishing(first, rest, ctx),
+                                                       strip_usage=not job.client_wants_usage)
         cache = self._gateway.cache
-        if cache is not None and ctx.cache_lookup is not None:
+        if cache is not None and ctx.cache_lookup is not None and not ctx.fallback:
             chunks = cache.recording(ctx.cache_lookup, chunks, ctx.cache.probe if ctx.cache else None)
         first, rest = await sse.first_and_rest(chunks)
         return Answer(None, first, rest)
 
-    # 7. meter: in-memory adds (usage batches and token limits are sent in the background)
-    def _meter(self, ctx: RequestContext, route: Route) -> Meter:
+    # 7. meter: in-memory adds (usage batches and token limits are sent in the background), charged to
+    #    the model that ran
+    def _meter(self, ctx: RequestContext, model_id: str) -> Meter:
         if ctx.meter is None:
             assert ctx.key is not None
             gateway = self._gateway
             # Only a key with a tokens/minute limit needs its tokens counted in Redis.
             limiter = gateway.limiter if ctx.key.rate_limit_tpm is not None else None
-            ctx.meter = Meter(gateway.usage, limiter, ctx.key.id, route.spec.id)
+            ctx.meter = Meter(gateway.usage, limiter, ctx.key.id, model_id)
         return ctx.meter
 
-    # 8. store: after the response, never in its way
-    def _store(self, ctx: RequestContext, entry: dict[str, Any]) -> None:
+    # 8. store: after the response, never in its way; a fallback's answer is not the target's to keep
+    def _store(self, ctx: RequestContext, plan: Plan, entry: dict[str, Any]) -> None:
         cache = self._gateway.cache
-        if cache is not None and ctx.cache_lookup is not None:
+        if cache is not None and ctx.cache_lookup is not None and not ctx.fallback:
             cache.put_later(ctx.cache_lookup, entry, ctx.cache.probe if ctx.cache else None)
 
 
-async def _releasing(chunks: AsyncIterator[dict[str, Any]],
+async def _finishing(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]],
                      ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
-    """The model slot is given back when the stream ends (and, failing that, when the request ends)."""
+    """The stream from its first chunk; the model slot and its in-flight count are given back when it
+    ends (and, failing that, when the request ends)."""
     try:
-        async for chunk in chunks:
+        if first is not None:
+            yield first
+        async for chunk in rest:
             yield chunk
     finally:
-        ctx.release_admission()
+        ctx.release_model()
+        await _close(rest)
+
+
+async def _close(chunks: AsyncIterator[Any]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _as_error(exc: Exception, model_id: str, timeout_s: float) -> IIRError:
+    if isinstance(exc, IIRError):
+        return exc
+    return UpstreamError(f"model '{model_id}' gave no answer within {timeout_s:.3g} s",
+                         code="upstream_timeout")
+
+
+def _category(decision: Decision) -> str:
+    result = decision.classification
+    return result.category if result is not None else UNCLASSIFIED

@@ -52,7 +52,33 @@ class Autoscaling(_Strict):
         return self
 
 
-class ModelSpec(_Strict):
+class Timeouts(_Strict):
+    """Per model or group; an unset field takes the catalog's ``resilience.timeouts``."""
+
+    connect_s: float | None = Field(None, gt=0, description="TCP connect to a remote upstream")
+    # To the first streamed chunk, or to the whole answer of a request that does not stream.
+    first_byte_s: float | None = Field(None, gt=0)
+    total_s: float | None = Field(None, gt=0, description="the whole request: every attempt and backoff")
+
+
+class Fallbacks(_Strict):
+    """Where a request goes when this model or group fails (model or group ids, tried in order)."""
+
+    # After the retries of retryable failures (connect, timeout, 429, 5xx) are spent.
+    fallbacks: list[str] = Field(default_factory=list)
+    # When the upstream says the prompt is longer than the model's context window.
+    context_window_fallbacks: list[str] = Field(default_factory=list)
+    # When the upstream filtered the content: none by default (another model would only be a way around
+    # the filter); an operator may name one.
+    content_policy_fallbacks: list[str] = Field(default_factory=list)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    retries: int | None = Field(None, ge=0, le=10, description="retries on this model or group's members")
+
+    def references(self) -> list[str]:
+        return [*self.fallbacks, *self.context_window_fallbacks, *self.content_policy_fallbacks]
+
+
+class ModelSpec(Fallbacks):
     id: str
     engine: Engine
     task: Task
@@ -149,10 +175,77 @@ class ProviderSpec(_Strict):
     discover_prefixes: list[str] = Field(default_factory=list, description="keep only ids starting so")
 
 
+GroupStrategy = Literal["least_busy", "lowest_latency", "weighted", "cheapest"]
+_GROUP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$")
+
+
+class GroupMember(_Strict):
+    model: str
+    weight: float = Field(1.0, gt=0, description="strategy 'weighted': share of the group's requests")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_id(cls, data: Any) -> Any:
+        return {"model": data} if isinstance(data, str) else data
+
+
+class ModelGroup(Fallbacks):
+    """One public model id served by several models (deployments), each with its own health.
+
+    ``least_busy``: fewest requests in flight from this ingress replica; ``lowest_latency``: the lowest
+    moving average of time to answer (first chunk for streams); ``weighted``: at random by ``weight``;
+    ``cheapest``: by ``cost_per_1k_tokens``. Ties and retries go to the next member in that order.
+    """
+
+    id: str
+    members: list[GroupMember] = Field(min_length=1)
+    strategy: GroupStrategy = "least_busy"
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _named(self) -> ModelGroup:
+        if not _GROUP_ID.match(self.id):
+            raise ValueError(f"group id {self.id!r}: letters, digits and _.:/- only")
+        models = [m.model for m in self.members]
+        if len(set(models)) != len(models):
+            raise ValueError(f"group {self.id}: a model is listed twice in members")
+        return self
+
+
+class Cooldown(_Strict):
+    """Circuit breaking per model: ``failures`` server errors within ``window_s`` (or one timeout, one
+    refused connection, one 429) cool it down for ``cooldown_s``; then one request probes it."""
+
+    failures: int = Field(3, ge=1)
+    window_s: float = Field(30.0, gt=0)
+    cooldown_s: float = Field(10.0, gt=0)
+
+
+class Resilience(_Strict):
+    """The defaults every model and group starts from (``resilience:`` in models.yaml)."""
+
+    retries: int = Field(2, ge=0, le=10)
+    backoff_s: float = Field(0.1, ge=0, description="first wait before retrying the same model; doubles")
+    max_backoff_s: float = Field(2.0, ge=0)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    cooldown: Cooldown = Field(default_factory=Cooldown)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Resilience:
+        """Unset defaults: 60 s to the first byte, 600 s in all; the connect timeout, unset, is
+        ``IIR_UPSTREAM_CONNECT_TIMEOUT_S``."""
+        t = self.timeouts
+        self.timeouts = Timeouts(connect_s=t.connect_s, first_byte_s=t.first_byte_s or 60.0,
+                                 total_s=t.total_s or 600.0)
+        return self
+
+
 class Catalog(_Strict):
     models: list[ModelSpec]
     providers: list[ProviderSpec] = Field(default_factory=list)
     default_model: str
+    groups: list[ModelGroup] = Field(default_factory=list)
+    resilience: Resilience = Field(default_factory=Resilience)
 
     @model_validator(mode="after")
     def _references(self) -> Catalog:
@@ -172,10 +265,34 @@ class Catalog(_Strict):
                 raise ValueError(f"{m.id}: provider {m.provider!r} is not in providers.yaml")
         if self.default_model not in ids:
             raise ValueError(f"default_model {self.default_model!r} is not a configured model")
+        self._check_groups(set(ids))
         return self
+
+    def _check_groups(self, model_ids: set[str]) -> None:
+        group_ids = [g.id for g in self.groups]
+        if clash := sorted({g for g in group_ids if group_ids.count(g) > 1 or g in model_ids}):
+            raise ValueError(f"group ids must be unique and differ from model ids: {clash}")
+        if reserved := sorted(set(group_ids) & {"auto", "iir/auto"}):
+            raise ValueError(f"group id {reserved[0]!r} is reserved for the prompt classifier")
+        known = model_ids | set(group_ids)
+        for group in self.groups:
+            for member in group.members:
+                if member.model not in model_ids:
+                    raise ValueError(f"group {group.id}: member {member.model!r} is not a model in "
+                                     f"models.yaml")
+        owners: list[ModelSpec | ModelGroup] = [*self.models, *self.groups]
+        for owner in owners:
+            for target in owner.references():
+                if target not in known:
+                    raise ValueError(f"{owner.id}: fallback {target!r} is not a model or group")
+                if target == owner.id:
+                    raise ValueError(f"{owner.id}: lists itself as a fallback")
 
     def get(self, model_id: str) -> ModelSpec | None:
         return next((m for m in self.models if m.id == model_id), None)
+
+    def group(self, group_id: str) -> ModelGroup | None:
+        return next((g for g in self.groups if g.id == group_id), None)
 
     def provider(self, name: str) -> ProviderSpec:
         return next(p for p in self.providers if p.name == name)

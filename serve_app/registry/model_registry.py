@@ -35,7 +35,15 @@ from pydantic import BaseModel, Field
 
 from serve_app import metrics
 from serve_app.errors import InvalidConfig
-from serve_app.registry.catalog import Catalog, CatalogError, ModelSpec, ProviderSpec, resolve_source
+from serve_app.registry.catalog import (
+    Catalog,
+    CatalogError,
+    ModelGroup,
+    ModelSpec,
+    ProviderSpec,
+    Resilience,
+    resolve_source,
+)
 from serve_app.registry.cost import CPU_HOUR_USD, cost_per_1k_tokens
 from serve_app.registry.discovery import Discovered, Origin, discover
 from serve_app.registry.fit import ModelSourceError, check_fit, estimate_for
@@ -94,13 +102,16 @@ class RegistrySnapshot(BaseModel):
     entries: list[RegistryEntry] = Field(default_factory=list)
     providers: list[ProviderSpec] = Field(default_factory=list)
     default_model: str = ""
+    groups: list[ModelGroup] = Field(default_factory=list)
+    resilience: Resilience = Field(default_factory=Resilience)
     nodes: list[dict[str, Any]] = Field(default_factory=list)
     refreshed_at: float = 0.0
 
     def catalog(self) -> Catalog:
         """Every entry, unavailable ones too: asking for one is a 503 with its reason, not a 404."""
         return Catalog.model_construct(models=[e.spec for e in self.entries], providers=self.providers,
-                                       default_model=self.default_model)
+                                       default_model=self.default_model, groups=self.groups,
+                                       resilience=self.resilience)
 
     def entry(self, model_id: str) -> RegistryEntry | None:
         return next((e for e in self.entries if e.id == model_id), None)
@@ -296,6 +307,8 @@ class ModelRegistry:
             epoch=self.epoch, version=old.version + 1, entries=sorted(entries, key=lambda e: e.id),
             providers=declared.providers if declared else old.providers,
             default_model=declared.default_model if declared else old.default_model,
+            groups=declared.groups if declared else old.groups,
+            resilience=declared.resilience if declared else old.resilience,
             nodes=[n.to_dict() for n in nodes] if nodes is not None else old.nodes,
             refreshed_at=time.time() if nodes else old.refreshed_at,
         )

@@ -1,7 +1,9 @@
-"""Where a request goes: ``model`` (or ``auto``) → a catalog entry and the engine that serves it.
+"""Where a request goes: ``model`` (a model, a group, or ``auto``) → a ``Plan`` of the models that may
+serve it (serve_app/routing/plan.py), each attempt a ``Route``: a catalog entry and its engine.
 
 Local models are reached through a ``ModelReplica`` handle (one Serve hop); remote models through a
 ``RemoteEngine`` living in the ingress process (no hop). Both look like ``InferenceEngine`` here.
+Each model's health (in flight, latency, circuit breaker) is in ``self.health`` (health.py).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from serve_app import metrics
 from serve_app.engines.base import InferenceEngine
-from serve_app.errors import ModelNotFound, ServiceUnavailable
+from serve_app.errors import IIRError, ModelNotFound, ServiceUnavailable
 from serve_app.failopen import Backoff, FailOpen
-from serve_app.registry.catalog import Catalog, ModelSpec
+from serve_app.registry.catalog import Catalog, ModelGroup, ModelSpec
 from serve_app.routing.classifier import Candidate, Classification, Conversation, RoutingPolicy
+from serve_app.routing.health import HealthBoard
+from serve_app.routing.plan import Plan, Stage, order_members
 
 if TYPE_CHECKING:
     from serve_app.registry.model_registry import RegistryEntry
@@ -49,6 +53,16 @@ class Route:
     capacity: int | None = None
 
 
+@dataclass(frozen=True)
+class CacheIdentity:
+    """What the response cache keys a target on: a group's answers are the group's, whichever member
+    gave them; it caches only as long as its shortest-lived member allows."""
+
+    id: str
+    cache_ttl_s: int | None
+    semantic_cache: bool
+
+
 class ModelRouter:
     def __init__(self, catalog: Catalog, engines: Mapping[str, InferenceEngine], *,
                  policy: RoutingPolicy, classifier: PromptClassifier, retry_after_s: int = 5,
@@ -62,6 +76,7 @@ class ModelRouter:
         self._policy = policy
         self._retry_after = str(retry_after_s)
         self._waking: dict[str, asyncio.Task[None]] = {}
+        self.health = HealthBoard(catalog.resilience.cooldown)
         self.replace(catalog, engines)
 
     def replace(self, catalog: Catalog, engines: Mapping[str, InferenceEngine],
@@ -74,11 +89,21 @@ class ModelRouter:
         self.catalog = catalog
         self._engines = dict(engines)
         self._entries = dict(entries or {})
+        self._specs = {m.id: m for m in catalog.models}
+        self._groups = {g.id: g for g in catalog.groups}
+        self.health.configure(catalog.resilience.cooldown)
 
     def models(self) -> list[ModelSpec]:
         """What ``/v1/models`` lists: models that are served or about to be (not the unavailable)."""
         return [m for m in self.catalog.models
                 if m.id in self._engines and self._status(m.id) != "unavailable"]
+
+    def groups(self) -> list[ModelGroup]:
+        """What ``/v1/models`` lists besides the models: each group once."""
+        return list(self._groups.values())
+
+    def group(self, group_id: str) -> ModelGroup | None:
+        return self._groups.get(group_id)
 
     def entry(self, model_id: str) -> RegistryEntry | None:
         return self._entries.get(model_id)
@@ -93,22 +118,75 @@ class ModelRouter:
     def engine_for(self, model_id: str) -> InferenceEngine | None:
         return self._engines.get(model_id)
 
-    async def resolve(self, model: str, conversation: Conversation) -> Route:
+    async def plan(self, model: str, conversation: Conversation) -> Plan:
+        """The request's plan: its target's members first (``auto``: the model it chose), fallbacks as
+        failures call for them. An unknown id is a 404 here, before anything is tried."""
         decision = None
         if model in AUTO_MODELS:
             decision = await self.decide(conversation)
             model = decision.model
-        spec = self.catalog.get(model)
-        if spec is None:
+        first = self._stage(model)
+        if first is None:
             raise ModelNotFound(f"The model '{model}' does not exist or you do not have access to it.",
                                 param="model")
+        if not first.rules.fallbacks and decision is None:
+            self._servable(first)
+        more = (lambda tried: self._next_for_auto(decision, tried)) if decision is not None else None
+        return Plan(target=model, first=first, resilience=self.catalog.resilience, health=self.health,
+                    stage_for=self._stage, route_for=lambda spec: self.route(spec, decision),
+                    more_for_auto=more, decision=decision)
+
+    def _servable(self, stage: Stage) -> None:
+        """A target none of whose members can serve now (unavailable, not deployed, loading) and that
+        has no fallback is answered at once with the reason, before the cache: a model the registry
+        lists as unavailable says so, rather than answering from what it said before."""
+        error: IIRError | None = None
+        for spec in stage.members:
+            try:
+                self.route(spec)
+                return
+            except IIRError as exc:
+                error = exc
+        if error is not None:
+            raise error
+
+    def cache_identity(self, target: str) -> ModelSpec | CacheIdentity | None:
+        spec = self._specs.get(target)
+        if spec is not None:
+            return spec
+        group = self._groups.get(target)
+        if group is None:
+            return None
+        members = [self._specs[m.model] for m in group.members if m.model in self._specs]
+        ttls = [m.cache_ttl_s for m in members if m.cache_ttl_s is not None]
+        return CacheIdentity(group.id, min(ttls) if ttls else None,
+                             bool(members) and all(m.semantic_cache for m in members))
+
+    def _stage(self, target: str) -> Stage | None:
+        spec = self._specs.get(target)
+        if spec is not None:
+            return Stage(target, [spec], spec)
+        group = self._groups.get(target)
+        if group is None:
+            return None
+        return Stage(target, order_members(group, self._specs, self.health, self._cost), group)
+
+    def _cost(self, spec: ModelSpec) -> float:
+        entry = self._entries.get(spec.id)
+        cost = entry.cost_per_1k_tokens if entry else spec.cost_per_1k_tokens
+        return cost if cost is not None else float("inf")
+
+    def route(self, spec: ModelSpec, decision: Decision | None = None) -> Route:
+        """One attempt's route to ``spec``, or the 503 that says why it cannot serve now (the plan then
+        moves to another member, or answers with it)."""
         engine = self._engines.get(spec.id)
         entry = self._entries.get(spec.id)
         if entry is not None and entry.status == "unavailable":
             raise ServiceUnavailable(f"model '{spec.id}' is unavailable: {entry.reason}", param="model",
                                      code="model_unavailable")
         if engine is None:
-            raise ServiceUnavailable(f"model '{spec.id}' is configured but not deployed", param="model")
+            raise ServiceUnavailable(f"model '{spec.id}' is configured but not deployed", param="model",
+                                     code="model_unavailable")
         if entry is not None and (entry.status == "loading" or entry.cold):
             if entry.cold:
                 self._wake(spec.id, engine)
@@ -119,6 +197,17 @@ class ModelRouter:
         if entry is not None and spec.is_local:
             capacity = spec.max_ongoing_requests * max(entry.replicas or 1, 1)
         return Route(spec, engine, decision, capacity)
+
+    def _next_for_auto(self, decision: Decision, tried: set[str]) -> str | None:
+        """``auto``'s chosen model failed: the category's next candidate (never one already tried)."""
+        candidates = [c for c in self._candidates() if c.id not in tried]
+        if not candidates:
+            return None
+        if decision.classification is None:
+            model, _ = self._policy.fallback(candidates, "retry")
+        else:
+            model, _ = self._policy.choose(decision.classification, candidates)
+        return model if model not in tried else None
 
     def _wake(self, model_id: str, engine: InferenceEngine) -> None:
         """A scaled-to-zero model: one queued call makes Serve start a replica; callers retry later."""
@@ -138,7 +227,7 @@ class ModelRouter:
 
         A classifier that fails or is slower than its timeout costs that one request the timeout; the
         next ones skip it for a while (1 s, doubling to 30 s) and take the policy's default route,
-        so a dead Classifier never holds up ``auto`` (docs/ARCHITECTURE.md, failure policies).
+        so a broken or stuck classifier never holds up ``auto`` (docs/ARCHITECTURE.md, failure policies).
         """
         started = time.perf_counter()
         result = await self._classify(conversation)
@@ -165,11 +254,13 @@ class ModelRouter:
         return result
 
     def _candidates(self) -> list[Candidate]:
+        """Chat models ``auto`` may choose: available, awake, and not cooling down after failures."""
         candidates = []
         for model_id in sorted(self._routable()):
             spec = self.catalog.get(model_id)
             entry = self._entries.get(model_id)
-            if spec is not None and spec.task == "chat" and not (entry and entry.cold):
+            if spec is not None and spec.task == "chat" and not (entry and entry.cold) \
+                    and not self.health[model_id].breaker.cooling_down():
                 cost = entry.cost_per_1k_tokens if entry else spec.cost_per_1k_tokens
                 candidates.append(Candidate(model_id, spec.quality_tier, cost, frozenset(spec.tags)))
         return candidates

@@ -7,6 +7,7 @@ import pytest
 from openai import OpenAI
 
 from tests.e2e.conftest import Graph
+from tests.support.fake_upstream import FakeUpstream
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +76,17 @@ def test_errors_surface_as_sdk_exceptions(client: OpenAI) -> None:
         client.chat.completions.create(model="local/smollm2-135m", temperature=9,
                                        messages=[{"role": "user", "content": "x"}])
     assert bad.value.body["param"] == "temperature"  # type: ignore[index]
+
+
+def test_a_group_of_a_provider_and_a_local_replica_fails_over(client: OpenAI,
+                                                              fake_upstream: FakeUpstream) -> None:
+    """Through the real graph: the provider answers; when it fails, the local replica (one Serve hop)
+    does, on the same request, and the response says so."""
+    asked = {"model": "mixed", "max_tokens": 4, "messages": [{"role": "user", "content": "Say hi"}]}
+    raw = client.chat.completions.with_raw_response.create(**asked)  # type: ignore[call-overload]
+    assert raw.headers["x-iir-model"] == "fake/echo-chat" and raw.headers["x-iir-attempts"] == "1"
+    fake_upstream.fail_next(500, "provider down")
+    raw = client.chat.completions.with_raw_response.create(**asked)  # type: ignore[call-overload]
+    assert raw.headers["x-iir-model"] == "local/smollm2-135m" and raw.headers["x-iir-attempts"] == "2"
+    assert "x-iir-fallback" not in raw.headers and raw.parse().model == "local/smollm2-135m"
+    assert "mixed" in [m.id for m in client.models.list()]

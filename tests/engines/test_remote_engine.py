@@ -255,28 +255,41 @@ async def test_connection_refused_has_a_clear_message(client: UpstreamClient) ->
     assert "could not connect to upstream 'fake': connection refused" in info.value.message
 
 
-class _RefuseFirstConnect(aiohttp.TCPConnector):
-    """aiohttp's own connector, whose first connection attempt is refused, as when an upstream is
-    restarting."""
+class _FailFirstConnect(aiohttp.TCPConnector):
+    """aiohttp's own connector, whose first connection attempt fails with ``error``."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: type[Exception]) -> None:
         super().__init__()
         self.attempts = 0
+        self._error = error
 
     async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
         self.attempts += 1
         if self.attempts == 1:
-            raise aiohttp.ClientConnectorError(req.connection_key, ConnectionRefusedError(111, "refused"))
+            if self._error is aiohttp.ClientConnectorError:
+                raise aiohttp.ClientConnectorError(req.connection_key, ConnectionRefusedError(111, "refused"))
+            raise self._error()
         return await super()._create_connection(req, traces, timeout)
 
 
-async def test_a_failed_connect_is_retried_once(upstream: FakeUpstream) -> None:
-    connector = _RefuseFirstConnect()
+async def test_a_connection_the_upstream_dropped_is_redone_once(upstream: FakeUpstream) -> None:
+    connector = _FailFirstConnect(aiohttp.ServerDisconnectedError)  # as a stale pooled connection
     async with UpstreamClient(5, 1, connector=lambda: connector) as flaky:
         engine = RemoteEngine(base_url=upstream.base_url, api_key=KEY, client=flaky)
         result = await engine.generate(chat())
     assert result["choices"][0]["message"]["content"] == expected_reply(PROMPT)
     assert connector.attempts == 2 and len(upstream.requests) == 1
+
+
+async def test_a_refused_connect_fails_at_once_for_the_plan_to_retry(upstream: FakeUpstream) -> None:
+    # Retrying a request (maybe on another model) is serve_app/routing/plan.py's business, not the engine's.
+    connector = _FailFirstConnect(aiohttp.ClientConnectorError)
+    async with UpstreamClient(5, 1, connector=lambda: connector) as flaky:
+        engine = RemoteEngine(base_url=upstream.base_url, api_key=KEY, client=flaky)
+        with pytest.raises(UpstreamError) as info:
+            await engine.generate(chat())
+    assert info.value.code == "upstream_unreachable" and "refused" in info.value.message
+    assert connector.attempts == 1 and len(upstream.requests) == 0
 
 
 async def test_a_read_timeout_is_not_retried(upstream: FakeUpstream) -> None:

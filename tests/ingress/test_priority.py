@@ -62,15 +62,20 @@ async def test_a_high_priority_key_overtakes_queued_low_priority_requests(
                 assert r.status_code == 200, r.text
                 finished.append(name)
 
+            async def queued(n: int) -> None:  # each in line before the next comes (a busy box is slow)
+                deadline = time.monotonic() + 10
+                while gateway.admission.queued(MODEL) < n:
+                    assert time.monotonic() < deadline, f"{n} requests never queued"
+                    await asyncio.sleep(0.01)
+
             holder = asyncio.create_task(ask("holder", low, 64))
             await asyncio.sleep(0.3)  # the holder has the model's one slot
             waiting = [asyncio.create_task(ask("low-1", low, 4))]
-            await asyncio.sleep(0.05)
+            await queued(1)
             waiting.append(asyncio.create_task(ask("low-2", low, 4)))
-            await asyncio.sleep(0.05)
+            await queued(2)
             waiting.append(asyncio.create_task(ask("high", high, 4)))
-            await asyncio.sleep(0.05)
-            assert gateway.admission.queued(MODEL) == 3
+            await queued(3)
             await asyncio.gather(holder, *waiting)
     finally:
         await auth.close()

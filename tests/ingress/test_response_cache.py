@@ -12,9 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from serve_app.auth.keystore import KeyStore
 from serve_app.auth.service import AuthService
+from serve_app.cache.exact import HotEntries
 from serve_app.ingress.app import create_app
 from serve_app.ingress.gateway import Gateway, build_in_process_gateway
 from serve_app.routing.classifier import EmbeddingClassifier
@@ -134,9 +136,9 @@ async def test_failures_and_cut_streams_are_never_stored(gateway: Gateway, clien
                                                          auth_headers: dict[str, str],
                                                          fake_upstream: FakeUpstream) -> None:
     marker = uuid.uuid4().hex
-    fake_upstream.fail_next(500, "boom")
+    fake_upstream.fail_next(400, "boom")  # not retried (a 500 would be, and then answered)
     failed = await client.post("/v1/chat/completions", headers=auth_headers, json=ask(marker, temperature=0))
-    assert failed.status_code == 502
+    assert failed.status_code == 400
     await settle(gateway)
     assert (await post(client, auth_headers, ask(marker, temperature=0))).headers["x-iir-cache"] == "miss"
 
@@ -218,3 +220,61 @@ async def test_redis_comes_back_by_itself(client_with: Any) -> None:
             assert time.monotonic() < deadline, "the cache did not come back"
             await asyncio.sleep(0.1)
         assert (await post(client, {}, ask(marker, temperature=0))).headers["x-iir-cache"] == "miss"
+
+
+async def _only_in_redis_until(client: httpx.AsyncClient, gateway: Gateway, marker: str) -> None:
+    """Store an entry, then delete it from Redis: what answers next can only be the ingress's copy."""
+    assert (await post(client, {}, ask(marker, temperature=0))).headers["x-iir-cache"] == "miss"
+    await settle(gateway)
+    redis = Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in redis.scan_iter("iir:rc:*")]
+        stored = [k for k in keys if marker.encode() in (await redis.get(k) or b"")]
+        assert len(stored) == 1
+        await redis.delete(*stored)
+    finally:
+        await redis.aclose()
+
+
+async def test_recent_entries_answer_from_the_ingress_without_redis(client_with: Any,
+                                                                    fake_upstream: FakeUpstream) -> None:
+    async for client, gateway in client_with(redis_url=REDIS_URL, cache_backend="redis"):
+        marker = uuid.uuid4().hex
+        await _only_in_redis_until(client, gateway, marker)
+        hit = await post(client, {}, ask(marker, temperature=0))
+        assert hit.headers["x-iir-cache"] == "hit" and upstream_calls(fake_upstream, marker) == 1
+    async for client, gateway in client_with(redis_url=REDIS_URL, cache_backend="redis",
+                                             cache_local_max_bytes=0):
+        marker = uuid.uuid4().hex
+        await _only_in_redis_until(client, gateway, marker)
+        assert (await post(client, {}, ask(marker, temperature=0))).headers["x-iir-cache"] == "miss"
+
+
+async def test_the_ingress_copy_lives_no_longer_than_its_ttl_or_the_entry(client_with: Any) -> None:
+    async for client, gateway in client_with(redis_url=REDIS_URL, cache_backend="redis",
+                                             cache_local_ttl_s=0.5):
+        marker = uuid.uuid4().hex
+        await _only_in_redis_until(client, gateway, marker)
+        await asyncio.sleep(0.6)
+        assert (await post(client, {}, ask(marker, temperature=0))).headers["x-iir-cache"] == "miss"
+    async for client, gateway in client_with(redis_url=REDIS_URL, cache_backend="redis", cache_ttl_s=1):
+        marker = uuid.uuid4().hex
+        await post(client, {}, ask(marker, temperature=0))
+        await settle(gateway)
+        assert (await post(client, {}, ask(marker, temperature=0))).headers["x-iir-cache"] == "hit"
+        await asyncio.sleep(1.1)  # the entry's own TTL, shorter than the copy's 10 s
+        assert (await post(client, {}, ask(marker, temperature=0))).headers["x-iir-cache"] == "miss"
+
+
+def test_the_ingress_copy_is_bounded_in_bytes_and_keeps_the_most_recent() -> None:
+    hot = HotEntries(max_bytes=250, ttl_s=10)
+    later = time.time() + 60
+    for name in ("a", "b"):
+        hot.put(name, {"kind": "json", "body": name, "expires_at": later}, 100)
+    assert hot.get("a") is not None  # now the most recent
+    hot.put("c", {"kind": "json", "body": "c", "expires_at": later}, 100)  # 300 > 250: "b" goes
+    assert hot.get("b") is None and hot.get("a") is not None and hot.get("c") is not None
+    hot.put("huge", {"kind": "json", "body": "x", "expires_at": later}, 251)  # never fits
+    assert hot.get("huge") is None and hot.get("a") is not None
+    hot.put("old", {"kind": "json", "body": "x"}, 10)  # no expiry recorded: not kept
+    assert hot.get("old") is None

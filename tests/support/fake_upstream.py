@@ -88,7 +88,9 @@ class FakeUpstream:
         chunk_delay_s: float = 0.0,
         embedding_dim: int = 16,
         max_recorded: int = 1000,
+        port: int = 0,
     ) -> None:
+        self._wanted_port = port  # 0: any; a fixed one lets a stopped upstream come back where it was
         self.api_key = api_key
         self.models = tuple(models) if models is not None else None
         self.first_byte_delay_s = first_byte_delay_s
@@ -108,7 +110,8 @@ class FakeUpstream:
         # Binding here (not in uvicorn) gives us the port before the thread starts: no race.
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock.bind(("127.0.0.1", self._wanted_port))
+        self._wanted_port = self._sock.getsockname()[1]  # started again, it comes back on this port
         config = uvicorn.Config(self._app, interface="asgi3", log_level="warning", access_log=False,
                                 lifespan="off", timeout_keep_alive=60, backlog=2048)
         self._server = uvicorn.Server(config)

@@ -57,5 +57,9 @@ async def refresh_registry(gateway: GatewayDep, _: AdminKey) -> dict[str, Any]:
 
 @router.get("/v1/registry")
 async def registry(gateway: GatewayDep, _: AdminKey) -> dict[str, Any]:
-    """Every model with its status (and why it is unavailable), cost and placement, and the nodes."""
-    return gateway.registry_snapshot().model_dump(mode="json")
+    """Every model with its status (and why it is unavailable), cost and placement, the nodes, the
+    groups and their members, and each model's health as this ingress replica sees it (circuit state,
+    in flight, moving-average latency): ``health``."""
+    snapshot = gateway.registry_snapshot().model_dump(mode="json")
+    snapshot["health"] = gateway.router.health.views()
+    return snapshot

@@ -14,7 +14,7 @@ from serve_app.ingress.fast_path import ModelRoute
 from serve_app.ingress.gateway import Gateway
 from serve_app.ingress.jobs import ClassifyJob, EmbedJob, GenerateJob, InferJob
 from serve_app.ingress.render import render
-from serve_app.registry.catalog import ModelSpec
+from serve_app.registry.catalog import ModelGroup, ModelSpec
 from serve_app.schemas import (
     ChatCompletionRequest,
     ClassifyRequest,
@@ -68,16 +68,34 @@ async def classify(body: ClassifyRequest, call: Call) -> Response:
 
 @router.get("/v1/models")
 async def list_models(gateway: GatewayDep, _: InferenceKey) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(gateway, m) for m in gateway.router.models()]}
+    models = [_model_card(gateway, m) for m in gateway.router.models()]
+    groups = [card for g in gateway.router.groups() if (card := _group_card(gateway, g)) is not None]
+    return {"object": "list", "data": models + groups}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, gateway: GatewayDep, _: InferenceKey) -> dict[str, Any]:
     spec = next((m for m in gateway.router.models() if m.id == model_id), None)
-    if spec is None:
-        raise ModelNotFound(f"The model '{model_id}' does not exist or you do not have access to it.",
-                            param="model")
-    return _model_card(gateway, spec)
+    if spec is not None:
+        return _model_card(gateway, spec)
+    group = gateway.router.group(model_id)
+    if group is not None and (card := _group_card(gateway, group)) is not None:
+        return card
+    raise ModelNotFound(f"The model '{model_id}' does not exist or you do not have access to it.",
+                        param="model")
+
+
+def _group_card(gateway: Gateway, group: ModelGroup) -> dict[str, Any] | None:
+    """A group is listed once, as one model; its members are listed as themselves too. A group none of
+    whose members is served is not listed (a request for it is a 503 naming them)."""
+    served = {m.id: m for m in gateway.router.models()}
+    members = [served[m.model] for m in group.members if m.model in served]
+    if not members:
+        return None
+    return {"id": group.id, "object": "model", "created": 0, "owned_by": "iir", "task": members[0].task,
+            "status": "available", "group": {"strategy": group.strategy,
+                                             "members": [m.id for m in members]},
+            "tags": sorted({t for m in members for t in m.tags})}
 
 
 def _model_card(gateway: Gateway, spec: ModelSpec) -> dict[str, Any]:
