@@ -255,7 +255,8 @@ class RemoteEngine(EngineBase):
             except aiohttp.SocketTimeoutError as exc:
                 raise UpstreamError(f"{self._who()} timed out: {_describe(exc)}",
                                     code="upstream_timeout") from exc
-            except aiohttp.ClientConnectorError as exc:  # no connection at all: refused, unresolved
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                # No connection at all: refused, unresolved, or no answer within the connect timeout.
                 raise UpstreamError(f"could not connect to {self._who()}: {_describe(exc)}",
                                     code="upstream_unreachable") from exc
             except aiohttp.ClientConnectionError as exc:
@@ -439,4 +440,6 @@ def _describe(exc: BaseException) -> str:
         cause = cause.__cause__ or cause.__context__
     if isinstance(exc, aiohttp.SocketTimeoutError):
         return "no data within the read timeout"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "no connection within the connect timeout"
     return str(exc) or type(exc).__name__

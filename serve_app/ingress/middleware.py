@@ -85,10 +85,15 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            error = self._too_large()
-            context_of(scope).error = error.reason
-            await error_response(error)(scope, receive, send)
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
+                error = self._too_large()
+                context_of(scope).error = error.reason
+                await error_response(error)(scope, receive, send)
+                return
+            # The server hands the app exactly content-length bytes (more would be the next request):
+            # nothing to count, and no wrapper on every message of the response.
+            await self.app(scope, receive, send)
             return
         seen = 0
         too_large: PayloadTooLarge | None = None

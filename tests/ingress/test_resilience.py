@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import prometheus_client
 import pytest
 import uvicorn
 import yaml
@@ -292,14 +293,15 @@ async def test_a_hanging_member_costs_one_timeout_then_is_cooled_down(
         a.first_byte_delay_s = 0.0
 
 
+@pytest.mark.parametrize("redis_url", [REDIS_URL, DEAD_REDIS], ids=["redis", "redis-down"])
 async def test_a_stream_cut_after_its_first_chunk_is_not_retried(
-        serve: Serve, pair: tuple[FakeUpstream, FakeUpstream]) -> None:
+        serve: Serve, pair: tuple[FakeUpstream, FakeUpstream], redis_url: str) -> None:
     a, b = pair
     documents = catalog({"a": a.base_url, "b": b.base_url},
                         groups=[{"id": "echo", "strategy": "cheapest", "members": ["a/echo", "b/echo"]}])
     documents["models"]["models"][0]["cost_per_1k_tokens"] = 0.001  # a first
     documents["models"]["models"][1]["cost_per_1k_tokens"] = 1.0
-    async with serve(documents) as served:
+    async with serve(documents, redis_url=redis_url) as served:
         a.cut_next_stream(after_chunks=1)
         status, headers, text = await served.chat("echo", stream=True, max_tokens=8)
     assert status == 200 and headers["x-iir-model"] == "a/echo"
@@ -324,7 +326,71 @@ async def test_a_stream_failing_before_its_first_chunk_is_retried(
     assert text.rstrip().endswith("data: [DONE]")
 
 
+async def test_retries_stop_at_the_requests_total_deadline(
+        serve: Serve, pair: tuple[FakeUpstream, FakeUpstream]) -> None:
+    a, b = pair
+    resilience = {**RESILIENCE, "timeouts": {"first_byte_s": 0.5, "total_s": 0.8}}
+    documents = catalog({"a": a.base_url, "b": b.base_url}, resilience=resilience,
+                        groups=[{"id": "echo", "members": ["a/echo", "b/echo"]}])
+    a.first_byte_delay_s = b.first_byte_delay_s = 30  # both hang
+    try:
+        async with serve(documents) as served:
+            started = time.monotonic()
+            status, headers, body = await served.chat("echo")
+            took = time.monotonic() - started
+    finally:
+        a.first_byte_delay_s = b.first_byte_delay_s = 0.0
+    assert status == 502 and body["error"]["code"] == "upstream_timeout"
+    assert 0.75 <= took < 1.3, took  # 0.5 s on one member, the 0.3 s left on the other, no third try
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[str]:
+    """A port whose TCP handshakes never complete: a listener with a full accept queue (Linux drops
+    further SYNs), as a host that is down or firewalled looks to a client."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers = []
+    for _ in range(3):  # backlog 0 holds one; the rest stay half-open
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    time.sleep(0.2)
+    try:
+        yield f"http://127.0.0.1:{address[1]}/v1"
+    finally:
+        for sock in [*fillers, listener]:
+            sock.close()
+
+
+async def test_a_connect_timeout_costs_connect_s_once_then_the_member_cools_down(
+        serve: Serve, pair: tuple[FakeUpstream, FakeUpstream]) -> None:
+    _, b = pair
+    with unanswered_port() as silent:
+        documents = catalog({"a": silent, "b": b.base_url},
+                            groups=[{"id": "echo", "strategy": "cheapest", "members": ["a/echo", "b/echo"]}])
+        documents["models"]["models"][0].update(cost_per_1k_tokens=0.001, timeouts={"connect_s": 0.3})
+        documents["models"]["models"][1]["cost_per_1k_tokens"] = 1.0
+        async with serve(documents) as served:
+            started = time.monotonic()
+            status, headers, _ = await served.chat("echo")
+            took = time.monotonic() - started
+            assert status == 200 and headers["x-iir-model"] == "b/echo" and headers["x-iir-attempts"] == "2"
+            assert 0.3 <= took < 0.9, took  # connect_s once, not first_byte_s, not twice
+            assert served.gateway.router.health["a/echo"].breaker.cooling_down()
+
+
 # -- fallbacks --------------------------------------------------------------------------------------
+
+
+def tokens_out(model: str) -> float:
+    """Completion tokens the in-process metrics (prometheus_client) have charged to ``model``."""
+    value = prometheus_client.REGISTRY.get_sample_value("iir_tokens_total",
+                                                        {"model": model, "direction": "out"})
+    return value or 0.0
 
 
 async def test_fallbacks_answer_and_are_charged_for_what_ran(
@@ -334,10 +400,14 @@ async def test_fallbacks_answer_and_are_charged_for_what_ran(
     documents["models"]["models"][0].update(fallbacks=["b/echo"], retries=0)
     async with serve(documents) as served:
         a.fail_next(500, "down")
+        charged = tokens_out("a/echo"), tokens_out("b/echo")
         status, headers, body = await served.chat("a/echo")
         assert status == 200
         assert headers["x-iir-model"] == "b/echo" and headers["x-iir-fallback"] == "a/echo"
         assert headers["x-iir-attempts"] == "2" and body["model"] == "b/echo"
+        completion = body["usage"]["completion_tokens"]
+        assert completion > 0
+        assert (tokens_out("a/echo"), tokens_out("b/echo")) == (charged[0], charged[1] + completion)
 
 
 async def test_context_window_and_content_filter_have_their_own_fallbacks(

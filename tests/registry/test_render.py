@@ -106,3 +106,21 @@ def test_the_default_graph_fits_a_two_cpu_machine() -> None:
     models = sum(m.resources.num_cpus * m.autoscaling.max_replicas
                  for m in load_catalog(MODELS, PROVIDERS).local_models)
     assert services + models <= 2, (services, models)
+
+
+def test_groups_and_resilience_travel_inline_and_a_bad_group_is_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = yaml.safe_load(MODELS.read_text())
+    models["groups"] = [{"id": "chat-default", "strategy": "cheapest",
+                         "members": ["openai/gpt-4o-mini", "local/smollm2-135m"],
+                         "fallbacks": ["local/smollm2-135m"]}]
+    models["resilience"] = {"retries": 1, "cooldown": {"cooldown_s": 5}}
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    config = yaml.safe_load(render_from_files(tmp_path / "models.yaml", PROVIDERS, inline=True))
+    args = config["applications"][0]["args"]
+    assert args["models"]["groups"][0]["id"] == "chat-default"
+    BuildArgs.model_validate(args)
+    models["groups"][0]["members"].append("local/nope")
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    assert main(["config", "render", "--models-config", str(tmp_path / "models.yaml")]) == 2
+    assert "group chat-default: member 'local/nope' is not a model" in capsys.readouterr().err
