@@ -24,11 +24,9 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ import aiohttp  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.gateway_bench import UPSTREAM_KEY, upstream_process  # noqa: E402
+from bench.inprocess_server import ready_with_key, running  # noqa: E402
 from bench.loadgen import CpuMeter, Target, percentile, run_step  # noqa: E402
 
 CHAT = {"messages": [{"role": "user", "content": "hello from the resilience benchmark"}], "max_tokens": 8}
@@ -60,38 +59,6 @@ def write_catalog(folder: Path, a_url: str, b_url: str) -> list[str]:
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(doc))
     return ["--models", str(folder / "models.yaml"), "--providers", str(folder / "providers.yaml"),
             "--routing", str(folder / "routing.yaml")]
-
-
-@contextlib.contextmanager
-def gateway_process(args: list[str]) -> Iterator[tuple[str, int]]:
-    env = {**os.environ, "IIR_TEST_UPSTREAM_KEY": UPSTREAM_KEY, "IIR_LOG_LEVEL": "INFO"}
-    proc = subprocess.Popen([sys.executable, "-m", "bench.inprocess_server", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
-    try:
-        assert proc.stdout is not None
-        info = json.loads(proc.stdout.readline())
-        yield f"http://127.0.0.1:{info['port']}", int(info["pid"])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-async def wait_ready(base_url: str) -> dict[str, str]:
-    deadline = time.monotonic() + 60
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(f"{base_url}/ready") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the gateway never became ready")
-            await asyncio.sleep(0.2)
-        async with http.post(f"{base_url}/api/v1/apikeys", json={"description": "bench"}) as r:
-            return {"Authorization": f"Bearer {(await r.json())['api_key']}", "Cache-Control": "no-store"}
 
 
 async def happy_path(base_url: str, headers: dict[str, str], meter: CpuMeter,
@@ -166,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         a = stack.enter_context(upstream_process())
         b = stack.enter_context(upstream_process())
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iir-resilience-")))
-        base_url, _ = stack.enter_context(gateway_process(write_catalog(folder, a.base_url,
-                                                                                  b.base_url)))
-        headers = asyncio.run(wait_ready(base_url))
+        env = {"IIR_TEST_UPSTREAM_KEY": UPSTREAM_KEY}
+        base_url, _ = stack.enter_context(running(write_catalog(folder, a.base_url, b.base_url), env=env))
+        headers = asyncio.run(ready_with_key(base_url))
         meter = CpuMeter(exclude_pids={a.pid, b.pid}, upstream_pid=a.pid)
         meter.measure_idle(2.0)
         print("happy path: a plain model against a group of two, interleaved", flush=True)
