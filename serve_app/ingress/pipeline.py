@@ -202,7 +202,7 @@ class Pipeline:
             except StopAsyncIteration:
                 return None, chunks
             except BaseException:
-                await _close(chunks)
+                await sse.close(chunks)
                 raise
 
         route, (first, rest) = await self._attempts(ctx, plan, first_chunk)
@@ -244,13 +244,7 @@ async def _finishing(first: dict[str, Any] | None, rest: AsyncIterator[dict[str,
             yield chunk
     finally:
         ctx.release_model()
-        await _close(rest)
-
-
-async def _close(chunks: AsyncIterator[Any]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()
+        await sse.close(rest)
 
 
 def _as_error(exc: Exception, model_id: str, timeout_s: float) -> IIRError:

@@ -76,10 +76,4 @@ class EventStreamResponse(Response):
             streaming.uncancel()  # our own cancel: the client left, the request simply ends
         finally:
             watcher.cancel()
-            await _close(self.events)
-
-
-async def _close(events: AsyncIterator[bytes]) -> None:
-    aclose = getattr(events, "aclose", None)
-    if aclose is not None:
-        await aclose()
+            await sse.close(self.events)

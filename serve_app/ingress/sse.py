@@ -17,6 +17,13 @@ def encode(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+async def close(chunks: AsyncIterator[Any]) -> None:
+    """Close an async generator now (its ``finally`` blocks run), not when it is garbage-collected."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 async def first_and_rest(chunks: AsyncIterator[dict[str, Any]]) -> tuple[dict[str, Any] | None,
                                                                           AsyncIterator[dict[str, Any]]]:
     """Pull the first chunk before answering, so errors before any output get a real HTTP status."""

@@ -118,16 +118,12 @@ class Plan:
         self._first = first
         self._stages: list[Stage] = [first]
         self._visited = {first.target}
-        self._seen: list[ModelSpec] = []  # members looked at: for the Retry-After when all cool down
+        self._seen: set[str] = set()  # members looked at: for the Retry-After when all cool down
         timeouts = first.rules.timeouts
         self.deadline = time.monotonic() + (timeouts.total_s or resilience.timeouts.total_s or 600.0)
         self.attempts = 0
         self.last_failure: IIRError | None = None
         self._backoff_s = resilience.backoff_s
-
-    @property
-    def stage(self) -> Stage:
-        return self._stages[0]
 
     def next(self, failed: Failure | None = None, error: IIRError | None = None) -> Attempt | None:
         """The next attempt, or None when nothing is left (the caller raises ``exhausted()``)."""
@@ -148,7 +144,7 @@ class Plan:
         """What the caller gets when no attempt is left: the last failure, or why none was made."""
         if self.last_failure is not None:
             return self.last_failure
-        retry_in = min((self._health[m.id].breaker.retry_in() for m in self._seen), default=0.0)
+        retry_in = min((self._health[m].breaker.retry_in() for m in self._seen), default=0.0)
         return ServiceUnavailable(
             f"every model that can serve '{self.target}' is cooling down after failures; retry shortly",
             param="model", code="model_cooling_down",
@@ -157,7 +153,7 @@ class Plan:
     # -- inside ------------------------------------------------------------------------------------
 
     def _in_stage(self, stage: Stage) -> Attempt | None:
-        self._seen += stage.members
+        self._seen.update(m.id for m in stage.members)
         limit = (stage.rules.retries if stage.rules.retries is not None else self._resilience.retries) + 1
         remaining = self.deadline - time.monotonic()
         if stage.attempts >= limit or remaining <= 0:
@@ -226,7 +222,7 @@ class Plan:
     def _queue_auto_alternative(self) -> None:
         if self._more_for_auto is None:
             return
-        tried = {m.id for m in self._seen} | self._visited
+        tried = self._seen | self._visited
         model = self._more_for_auto(tried)
         if model is not None:
             self._enqueue([model])
