@@ -96,7 +96,7 @@ def channel() -> str:
 
 @pytest.fixture
 async def service(store: KeyStore, redis_url: str, channel: str) -> AsyncIterator[AuthService]:
-    svc = AuthService(store, redis_url=redis_url, redis_timeout_s=0.25, revoked_channel=channel)
+    svc = AuthService(store, redis_url=redis_url, redis_timeout_s=2.0, revoked_channel=channel)
     yield svc
     await svc.close()
 

@@ -61,7 +61,10 @@ async def prefix() -> AsyncIterator[str]:
 async def make_limiter(prefix: str) -> AsyncIterator[MakeLimiter]:
     made: list[RateLimiter] = []
 
-    def make(url: str = REDIS_URL, *, timeout_s: float = 0.25, redis: Redis | None = None,
+    # Generous by default: on a busy CI box a healthy Redis can take longer than production's 0.25 s,
+    # and a limiter that failed open would make the counting tests meaningless. The fail-open tests
+    # pass their own short timeouts.
+    def make(url: str = REDIS_URL, *, timeout_s: float = 2.0, redis: Redis | None = None,
              **kwargs: Any) -> RateLimiter:
         client = redis if redis is not None else make_redis(url, timeout_s=timeout_s)
         limiter = RateLimiter(client, timeout_s=timeout_s, key_prefix=prefix, **kwargs)
