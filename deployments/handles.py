@@ -11,6 +11,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from serve_app.errors import IIRError, ServiceUnavailable
+from serve_app.fair_queue import NO_TURN, Turn
 from serve_app.schemas import EmbeddingRequest, GenerateRequest
 
 # What Serve raises when the deployment is gone (deleted by a refresh), its replica died mid-call, or
@@ -55,24 +56,24 @@ class ReplicaEngine:
         self._calls = HandleClient(handle)
         self._streaming = handle.options(stream=True)
 
-    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
-        result: dict[str, Any] = await self._calls.generate(request)
+    async def generate(self, request: GenerateRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
+        result: dict[str, Any] = await self._calls.generate(request, turn)
         return result
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: GenerateRequest, turn: Turn = NO_TURN) -> AsyncIterator[dict[str, Any]]:
         try:
-            chunks = cast(DeploymentResponseGenerator, self._streaming.stream.remote(request))
+            chunks = cast(DeploymentResponseGenerator, self._streaming.stream.remote(request, turn))
             async for chunk in chunks:
                 yield chunk
         except (RayTaskError, *HOP_FAILURES) as exc:
             raise _unwrap(exc) from None
 
-    async def embed(self, request: EmbeddingRequest) -> dict[str, Any]:
-        result: dict[str, Any] = await self._calls.embed(request)
+    async def embed(self, request: EmbeddingRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
+        result: dict[str, Any] = await self._calls.embed(request, turn)
         return result
 
-    async def infer(self, payload: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await self._calls.infer(payload)
+    async def infer(self, payload: dict[str, Any], turn: Turn = NO_TURN) -> dict[str, Any]:
+        result: dict[str, Any] = await self._calls.infer(payload, turn)
         return result
 
     async def check_health(self) -> None:

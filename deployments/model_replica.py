@@ -9,6 +9,7 @@ from ray import serve
 
 from serve_app.engines.base import InferenceEngine
 from serve_app.engines.factory import build_local_engine
+from serve_app.fair_queue import NO_TURN, Turn
 from serve_app.registry.catalog import ModelSpec
 from serve_app.schemas import EmbeddingRequest, GenerateRequest
 
@@ -18,18 +19,19 @@ class ModelReplica:
     def __init__(self, spec: ModelSpec) -> None:
         self._engine: InferenceEngine = build_local_engine(spec)
 
-    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
-        return await self._engine.generate(request)
+    # ``turn`` (key priority, key, class) orders the engine's own queue: serve_app/engines/slots.py.
+    async def generate(self, request: GenerateRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
+        return await self._engine.generate(request, turn)
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
-        async for chunk in self._engine.stream(request):
+    async def stream(self, request: GenerateRequest, turn: Turn = NO_TURN) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in self._engine.stream(request, turn):
             yield chunk
 
-    async def embed(self, request: EmbeddingRequest) -> dict[str, Any]:
-        return await self._engine.embed(request)
+    async def embed(self, request: EmbeddingRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
+        return await self._engine.embed(request, turn)
 
-    async def infer(self, payload: dict[str, Any]) -> dict[str, Any]:
-        return await self._engine.infer(payload)
+    async def infer(self, payload: dict[str, Any], turn: Turn = NO_TURN) -> dict[str, Any]:
+        return await self._engine.infer(payload, turn)
 
     async def check_health(self) -> None:
         """Also Serve's own replica health check: a failing engine gets the replica restarted."""

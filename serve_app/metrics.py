@@ -148,8 +148,17 @@ TIME_TO_FIRST_TOKEN = Histogram("iir_time_to_first_token_seconds",
                                 LATENCY_BUCKETS_S)
 TOKENS = Counter("iir_tokens", "Tokens in (prompt) and out (completion), as the model reported",
                  ("model", "direction"))
-QUEUED = Gauge("iir_queued_requests", "Requests waiting for a full local model, by key priority",
-               ("priority",))
+# -- priority scheduling (serve_app/fair_queue.py; docs/ARCHITECTURE.md, "Priority under overload") ----
+# ``where``: "ingress" (an admission gate: a full local model, or a remote one with max_concurrency) or
+# "engine" (a local engine's run slots, inside the model replica).
+QUEUED = Gauge("iir_queued_requests", "Requests waiting, by model, priority class and where they wait",
+               ("model", "priority_class", "where"))
+QUEUE_WAIT = Histogram("iir_queue_wait_seconds", "Time a request waited for its turn, by priority class",
+                       ("model", "priority_class", "where"), LATENCY_BUCKETS_S)
+SHED = Counter("iir_shed_requests", "Requests refused at once (503 + Retry-After) to keep a queue within "
+               "its class's budget", ("model", "priority_class", "reason"))
+PREEMPTIONS = Counter("iir_preemptions", "Running requests paused for a higher priority class (they "
+                      "resume after it)", ("model", "priority_class"))
 IN_FLIGHT = Gauge("iir_in_flight_requests",
                   "Model requests in progress on this ingress replica, by key priority", ("priority",))
 

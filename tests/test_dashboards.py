@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "configs" / "grafana" / "dashboards" / "iir.json"
 _METRIC = re.compile(r"\b(ray_[a-z_]+)\b")
 _BY = re.compile(r"by \(([^)]*)\)\s*\(\s*(?:rate\()?\s*(ray_[a-z_]+)")
+_SELECTOR = re.compile(r"\b(ray_[a-z_]+)\{([^}]*)\}")
+_MATCHER = re.compile(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)")
+_GROUPING = re.compile(r"\bby \(([^)]*)\)")
+_PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
 def exported_names() -> dict[str, metrics._Metric]:
@@ -26,9 +30,13 @@ def exported_names() -> dict[str, metrics._Metric]:
     return names
 
 
-def expressions() -> list[str]:
+def targets() -> list[dict[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    return [t for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def expressions() -> list[str]:
+    return [t["expr"] for t in targets()]
 
 
 def serve_metric_names() -> set[str]:
@@ -55,6 +63,30 @@ def test_grouping_labels_are_labels_of_the_metric() -> None:
             if name in ours:
                 wanted = {x.strip() for x in labels.split(",") if x.strip()} - {"le"}
                 assert wanted <= set(ours[name].labels), (expr, wanted)
+
+
+def test_label_matchers_and_legends_name_labels_the_query_has() -> None:
+    ours = exported_names()
+    for target in targets():
+        expr = target["expr"]
+        for name, matchers in _SELECTOR.findall(expr):
+            if name in ours:
+                assert set(_MATCHER.findall(matchers)) <= set(ours[name].labels), expr
+        # A legend's {{label}} is empty when the query no longer groups by it (a renamed label).
+        grouped = {x.strip() for labels in _GROUPING.findall(expr) for x in labels.split(",")}
+        assert set(_PLACEHOLDER.findall(target.get("legendFormat", ""))) <= grouped, target
+
+
+def test_priority_metrics_have_their_own_row_by_class() -> None:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    rows = [i for i, p in enumerate(panels) if p["type"] == "row"] + [len(panels)]
+    start = next(i for i in rows[:-1] if panels[i]["title"] == "Priority under overload")
+    end = rows[rows.index(start) + 1]
+    exprs = [t["expr"] for p in panels[start + 1:end] for t in p.get("targets", [])]
+    names = {n for expr in exprs for n in _METRIC.findall(expr)}
+    wanted = {metrics.QUEUED, metrics.QUEUE_WAIT, metrics.SHED, metrics.PREEMPTIONS}
+    assert {m.name for m in wanted} <= {exported_names()[n].name for n in names if n in exported_names()}
+    assert all("priority_class" in expr for expr in exprs), exprs
 
 
 def test_the_dashboard_is_well_formed_for_provisioning() -> None:

@@ -9,6 +9,8 @@ Engines speak OpenAI's wire format in plain dicts:
   with an error event instead of ``[DONE]``.
 - ``embed``: a ``list`` object of ``embedding`` items with ``usage``.
 - ``infer``: the generic task: a JSON input in, a JSON output out.
+Each takes the request's ``Turn`` (key priority, key, priority class: serve_app/fair_queue.py); engines
+that queue (llama.cpp's run slots, vLLM's scheduler) order by it, the others ignore it.
 The ``model`` field engines put in responses is rewritten by the ingress to the IIR model id.
 Operations a backend lacks raise ``InvalidRequest``; other failures raise ``IIRError`` subclasses.
 """
@@ -21,18 +23,19 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
 from serve_app.errors import InvalidRequest
+from serve_app.fair_queue import NO_TURN, Turn
 from serve_app.schemas import EmbeddingRequest, GenerateRequest
 
 
 @runtime_checkable
 class InferenceEngine(Protocol):
-    async def generate(self, request: GenerateRequest) -> dict[str, Any]: ...
+    async def generate(self, request: GenerateRequest, turn: Turn = NO_TURN) -> dict[str, Any]: ...
 
-    def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]: ...
+    def stream(self, request: GenerateRequest, turn: Turn = NO_TURN) -> AsyncIterator[dict[str, Any]]: ...
 
-    async def embed(self, request: EmbeddingRequest) -> dict[str, Any]: ...
+    async def embed(self, request: EmbeddingRequest, turn: Turn = NO_TURN) -> dict[str, Any]: ...
 
-    async def infer(self, payload: dict[str, Any]) -> dict[str, Any]: ...
+    async def infer(self, payload: dict[str, Any], turn: Turn = NO_TURN) -> dict[str, Any]: ...
 
     async def check_health(self) -> None:
         """Raise ``ServiceUnavailable`` when the engine cannot serve."""
@@ -45,17 +48,17 @@ class EngineBase:
 
     name = "engine"
 
-    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+    async def generate(self, request: GenerateRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
         raise InvalidRequest(f"model {request.model!r} does not support text generation", param="model")
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: GenerateRequest, turn: Turn = NO_TURN) -> AsyncIterator[dict[str, Any]]:
         raise InvalidRequest(f"model {request.model!r} does not support streaming", param="model")
         yield {}  # pragma: no cover - makes this an async generator
 
-    async def embed(self, request: EmbeddingRequest) -> dict[str, Any]:
+    async def embed(self, request: EmbeddingRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
         raise InvalidRequest(f"model {request.model!r} does not support embeddings", param="model")
 
-    async def infer(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def infer(self, payload: dict[str, Any], turn: Turn = NO_TURN) -> dict[str, Any]:
         raise InvalidRequest("this model has no generic inference endpoint", param="model")
 
     async def check_health(self) -> None:

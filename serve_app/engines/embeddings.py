@@ -16,6 +16,7 @@ import numpy as np
 
 from serve_app.engines.base import EngineBase
 from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
+from serve_app.fair_queue import NO_TURN, Turn
 from serve_app.registry.catalog import ModelSpec, resolve_source
 from serve_app.schemas import EmbeddingRequest
 
@@ -52,7 +53,7 @@ class SentenceTransformerEngine(EngineBase):
         engine.model_name = spec.id
         return engine
 
-    async def embed(self, request: EmbeddingRequest) -> dict[str, Any]:
+    async def embed(self, request: EmbeddingRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
         texts = _texts(request)
         dims = self._target_dimensions(request.dimensions)
         async with self._lock:

@@ -23,6 +23,18 @@ def build_local_engine(spec: ModelSpec) -> InferenceEngine:
     raise ValueError(f"{spec.id}: engine {spec.engine!r} is not a local engine")
 
 
+def engine_concurrency(spec: ModelSpec) -> int:
+    """Requests one replica of a local model really runs at once (the ingress admits that many per
+    replica; serve_app/ingress/admission.py)."""
+    if spec.engine == "llama_cpp":
+        return 1  # one Llama, one generation at a time (serve_app/engines/slots.py)
+    if spec.engine == "vllm":
+        from serve_app.engines.vllm_engine import concurrency  # vllm itself is not imported
+
+        return concurrency(spec.engine_options)
+    return spec.max_ongoing_requests  # embeddings: short calls, no queue of their own
+
+
 class RemoteEngines:
     """The ingress's remote models: one pooled HTTP client per provider, shared by its models."""
 

@@ -1,9 +1,16 @@
 """Chat and text completions on CPU with llama-cpp-python (default model: SmolLM2-135M-Instruct GGUF).
 
 llama.cpp is blocking and not thread-safe, and a Ray Serve replica runs our coroutines on its event loop.
-So every model call runs in a worker thread (``asyncio.to_thread``), one at a time: an ``asyncio.Lock``
-queues requests on the loop, and a ``threading.Lock`` guards the model itself, because a cancelled caller
-stops waiting for its thread before that thread has let go of the model.
+So every model call runs in a worker thread (``asyncio.to_thread``), one at a time: a run slot
+(serve_app/engines/slots.py) queues requests on the loop in IIR's priority order, and a ``threading.Lock``
+guards the model itself, because a cancelled caller stops waiting for its thread before that thread has
+let go of the model.
+
+Preemption ("recompute", as vLLM does it): when a higher priority class waits, the running generation
+stops at its next token and queues again ahead of its peers. Its ``_Tracker`` keeps the completion tokens
+so far; when it runs again, ``TrackedLlama.generate`` hands llama-cpp-python those tokens as if just
+sampled (so detokenization, stop strings and ``max_tokens`` stay exact), then samples on after evaluating
+prompt + those tokens in one batch. A stream skips the text its client already has.
 
 ``llama_cpp`` is imported when an engine is built, never at module import.
 """
@@ -22,22 +29,37 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from serve_app.engines.base import EngineBase, new_id, now, usage
+from serve_app.engines.slots import RunSlots
 from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
+from serve_app.fair_queue import NO_TURN, Turn
 from serve_app.registry.catalog import ModelSpec, resolve_source
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 T = TypeVar("T")
 _Piece = tuple[str, str | None]  # (text, finish_reason)
+# Ahead of every waiter, but in the lowest class: closing waits for the running call instead of preempting
+# it (a preempted call would resume on a closed model and fail).
+_CLOSING = Turn(priority=10**9, label="close")
 
 
 @dataclass
 class _Tracker:
-    """One generation's window into llama.cpp's sampling loop (see ``_tracked_llama_class``)."""
+    """One generation's window into llama.cpp's sampling loop (see ``_tracked_llama_class``), across the
+    segments a preempted generation runs in."""
 
     limit: int | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)  # the completion so far, replayed when resuming
+    yield_now: threading.Event | None = None  # the current segment's slot asks it to stop
+    preempted: bool = False  # the current segment stopped for ``yield_now``: its output is not the answer
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+    def begin(self, yield_now: threading.Event) -> None:
+        self.yield_now, self.preempted = yield_now, False
 
 
 @functools.cache
@@ -49,8 +71,9 @@ def _tracked_llama_class() -> type[Any]:
 
         llama-cpp-python's streams carry no usage, and its loop only ends at EOS, a stop string or
         ``max_tokens``. Every completion path goes through ``generate``, so wrapping it gives exact token
-        counts for streams, lets a request whose caller went away stop at the next token, and enforces
-        ``max_tokens`` even where llama-cpp-python overshoots it to finish a multi-byte character.
+        counts for streams, lets a request whose caller went away (or that is preempted) stop at the next
+        token, replays a preempted request's tokens when it resumes, and enforces ``max_tokens`` even
+        where llama-cpp-python overshoots it to finish a multi-byte character.
         """
 
         tracker: _Tracker | None = None
@@ -61,18 +84,35 @@ def _tracked_llama_class() -> type[Any]:
         ) -> Iterator[int]:
             tracker = self.tracker or _Tracker()
             tracker.prompt_tokens = len(tokens)
+            replay = list(tracker.tokens)  # empty unless resuming after a preemption
             if not self.reuse_prefix:
                 # Forget the previous request's KV cache: re-evaluating only the unmatched tail of a
                 # prompt gives slightly different logits than evaluating it whole, enough to flip greedy
                 # choices, so the same request at temperature 0 (or with a seed) could answer differently.
                 self.reset()
-            for token in super().generate(tokens, *args, **kwargs):
+            # Earlier segments' tokens, unsampled: the caller's loop counts and detokenizes them again.
+            yield from replay
+            for token in super().generate([*tokens, *replay], *args, **kwargs):
                 if tracker.cancel.is_set() or tracker.completion_tokens == tracker.limit:
                     return
                 # An end-of-generation token ends the loop without being part of the completion.
-                if not llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
-                    tracker.completion_tokens += 1
+                if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+                    yield token
+                    return
+                if tracker.yield_now is not None and tracker.yield_now.is_set():
+                    tracker.preempted = True  # this token is dropped: the resumed run samples it again
+                    return
+                tracker.tokens.append(token)
                 yield token
+
+        def _init_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            # Repetition penalties must remember a resumed generation's earlier tokens, as they would
+            # have without the preemption. (Sampling at temperature > 0 restarts its random stream from
+            # the seed, so a preempted seeded request is not bit-reproducible; that is accepted.)
+            sampler = super()._init_sampler(*args, **kwargs)
+            for token in self.tracker.tokens if self.tracker is not None else ():
+                sampler.accept(token)
+            return sampler
 
     return TrackedLlama
 
@@ -93,14 +133,22 @@ class _Call:
             return llama.create_chat_completion(messages=self.messages, stream=stream, **self.options)
         return llama.create_completion(prompt=self.prompt, stream=stream, **self.options)
 
+    @property
+    def preemptible(self) -> bool:
+        # A grammar's parse state lives in the sampler and would not survive a replay, so a constrained
+        # (json_object) generation runs to its end.
+        return "response_format" not in self.options
+
 
 class LlamaCppEngine(EngineBase):
     name = "llama_cpp"
 
     def __init__(self, model_path: Path, *, n_ctx: int = 2048, n_threads: int | None = None,
-                 reuse_prefix: bool = False, **llama_kwargs: Any) -> None:
+                 reuse_prefix: bool = False, preempt: bool = True, model_name: str | None = None,
+                 **llama_kwargs: Any) -> None:
         """``reuse_prefix`` trades reproducible output for skipping the evaluation of a prompt prefix
-        shared with the previous request (long multi-turn chats); ``llama_kwargs`` go to ``Llama``."""
+        shared with the previous request (long multi-turn chats); ``preempt`` lets a higher priority
+        class pause the running generation; ``llama_kwargs`` go to ``Llama``."""
         llama_kwargs.setdefault("verbose", False)
         # ggml's threads spin at barriers, so more threads than free cores is ruinous: with one of two cores
         # busy, 200 tokens took 31 s on 2 threads and 2.9 s on 1. Default to half the cores (as
@@ -111,22 +159,20 @@ class LlamaCppEngine(EngineBase):
         self._llama: Any = _tracked_llama_class()(
             model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, **llama_kwargs)
         self._llama.reuse_prefix = reuse_prefix
-        self.model_name = Path(model_path).name
-        self._lock = asyncio.Lock()
+        self.model_name = model_name or Path(model_path).name
+        self._slots = RunSlots(1, preempt=preempt, model=self.model_name)  # one Llama: one generation
         self._model_lock = threading.Lock()
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> LlamaCppEngine:
         if not spec.source:
             raise ValueError(f"{spec.id}: a local model needs 'source'")
-        engine = cls(resolve_source(spec.source), **spec.engine_options)
-        engine.model_name = spec.id
-        return engine
+        return cls(resolve_source(spec.source), model_name=spec.id, **spec.engine_options)
 
-    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+    async def generate(self, request: GenerateRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
         calls = _plan(request)
         chat = isinstance(request, ChatCompletionRequest)
-        results = [await self._generate_one(call) for call in calls]
+        results = [await self._generate_one(call, turn) for call in calls]
         pairs = list(zip(calls, results, strict=True))
         prompt_tokens = {c.prompt_index: r["usage"]["prompt_tokens"] for c, r in pairs}
         completion_tokens = sum(r["usage"]["completion_tokens"] for r in results)
@@ -139,17 +185,34 @@ class LlamaCppEngine(EngineBase):
             "usage": usage(sum(prompt_tokens.values()), completion_tokens),
         }
 
-    async def _generate_one(self, call: _Call) -> dict[str, Any]:
+    async def _generate_one(self, call: _Call, turn: Turn) -> dict[str, Any]:
         tracker = _Tracker(limit=call.options["max_tokens"])
-        async with self._lock:
-            task = asyncio.ensure_future(
-                asyncio.to_thread(self._with_model, tracker, functools.partial(call.start, stream=False)))
-            try:
-                return await asyncio.shield(task)
-            finally:
-                await _stop(task, tracker)
+        work = functools.partial(self._with_model, tracker, functools.partial(call.start, stream=False))
+        resuming = False
+        while True:
+            async with self._slot(call, turn, tracker, resuming=resuming):
+                task = asyncio.ensure_future(asyncio.to_thread(work))
+                try:
+                    result = await asyncio.shield(task)
+                finally:
+                    await _stop(task, tracker)
+            # A preempted segment's result is cut short: the resumed run produces the whole completion.
+            if not tracker.preempted:
+                return result
+            resuming = True
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+    @contextlib.asynccontextmanager
+    async def _slot(self, call: _Call, turn: Turn, tracker: _Tracker, *,
+                    resuming: bool) -> AsyncIterator[None]:
+        """This call's turn with the model, for one segment; the body must wait for its thread."""
+        slot = await self._slots.acquire(turn, resuming=resuming, preemptible=call.preemptible)
+        try:
+            tracker.begin(slot.yield_now)
+            yield
+        finally:
+            self._slots.release(slot)
+
+    async def stream(self, request: GenerateRequest, turn: Turn = NO_TURN) -> AsyncIterator[dict[str, Any]]:
         calls = _plan(request)
         if request.n > 1:
             raise UnsupportedParameter("n > 1 is not supported when streaming from this model", param="n")
@@ -165,7 +228,7 @@ class LlamaCppEngine(EngineBase):
                 yield frame(index=call.index, text=call.echo)
             # aclosing: when our consumer leaves, the inner generator must stop the model now, not whenever
             # it is garbage-collected.
-            async with contextlib.aclosing(self._stream_one(call, tracker)) as pieces:
+            async with contextlib.aclosing(self._stream_one(call, turn, tracker)) as pieces:
                 async for text, finish_reason in pieces:
                     yield frame(index=call.index, text=text, finish_reason=finish_reason)
             prompt_tokens += tracker.prompt_tokens
@@ -173,8 +236,28 @@ class LlamaCppEngine(EngineBase):
         if request.include_usage:
             yield {**frame(index=0), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
-    async def _stream_one(self, call: _Call, tracker: _Tracker) -> AsyncGenerator[_Piece, None]:
-        """Pieces of one choice, from llama-cpp-python's blocking iterator in a worker thread."""
+    async def _stream_one(self, call: _Call, turn: Turn, tracker: _Tracker) -> AsyncGenerator[_Piece, None]:
+        """Pieces of one choice, as one stream however often it is preempted."""
+        sent = 0  # characters our consumer has
+        resuming = False
+        while True:
+            # A resumed segment re-emits the replayed tokens' text exactly as before (same tokens, same
+            # detokenization): skip what was sent, then go on.
+            skip = sent
+            async with contextlib.aclosing(self._stream_segment(call, turn, tracker, resuming)) as pieces:
+                async for text, finish_reason in pieces:
+                    dropped = min(skip, len(text))
+                    skip -= dropped
+                    if text[dropped:] or finish_reason:
+                        sent += len(text) - dropped
+                        yield text[dropped:], finish_reason
+            if not tracker.preempted:
+                return
+            resuming = True
+
+    async def _stream_segment(self, call: _Call, turn: Turn, tracker: _Tracker,
+                              resuming: bool) -> AsyncGenerator[_Piece, None]:
+        """Pieces of one segment, from llama-cpp-python's blocking iterator in a worker thread."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -188,7 +271,9 @@ class LlamaCppEngine(EngineBase):
             chunks = call.start(llama, stream=True)
             try:
                 for chunk in chunks:
-                    if tracker.cancel.is_set():
+                    # Once preempted, llama-cpp-python flushes held-back text and a finish_reason: the
+                    # resumed run emits those, so they are dropped here.
+                    if tracker.cancel.is_set() or tracker.preempted:
                         break
                     post("piece", _piece(chunk))
             finally:
@@ -202,7 +287,7 @@ class LlamaCppEngine(EngineBase):
             else:
                 post("done", None)
 
-        async with self._lock:
+        async with self._slot(call, turn, tracker, resuming=resuming):
             task = asyncio.ensure_future(asyncio.to_thread(work))
             try:
                 while True:
@@ -210,6 +295,9 @@ class LlamaCppEngine(EngineBase):
                     if kind == "error":
                         raise item
                     if kind == "done":
+                        # Let the thread end on its own: ``_stop`` would set ``cancel``, which outlives
+                        # this segment and would stop the next one.
+                        await asyncio.wait([task])
                         return
                     if item[0] or item[1]:
                         yield item
@@ -236,8 +324,11 @@ class LlamaCppEngine(EngineBase):
             raise ServiceUnavailable("the model is closed")
 
     async def aclose(self) -> None:
-        async with self._lock:
+        slot = await self._slots.acquire(_CLOSING)
+        try:
             await asyncio.to_thread(self._close)
+        finally:
+            self._slots.release(slot)
 
     def _close(self) -> None:
         with self._model_lock:

@@ -43,6 +43,7 @@ from serve_app.errors import (
     ServiceUnavailable,
     UpstreamError,
 )
+from serve_app.fair_queue import NO_TURN, Turn
 from serve_app.registry.catalog import ModelSpec, ProviderSpec
 from serve_app.schemas import ChatCompletionRequest, EmbeddingRequest, GenerateRequest
 
@@ -153,7 +154,7 @@ class RemoteEngine(EngineBase):
 
     # -- operations -------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+    async def generate(self, request: GenerateRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
         if self._endpoint:
             return await super().generate(request)
         body = self._body(request)
@@ -161,7 +162,7 @@ class RemoteEngine(EngineBase):
         body.pop("stream_options", None)  # OpenAI refuses stream_options without stream
         return await self._post_json(_path_for(request), body)
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: GenerateRequest, turn: Turn = NO_TURN) -> AsyncIterator[dict[str, Any]]:
         if self._endpoint:
             async for chunk in super().stream(request):
                 yield chunk
@@ -175,12 +176,12 @@ class RemoteEngine(EngineBase):
             async for chunk in chunks:
                 yield chunk
 
-    async def embed(self, request: EmbeddingRequest) -> dict[str, Any]:
+    async def embed(self, request: EmbeddingRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
         if self._endpoint:
             return await super().embed(request)
         return await self._post_json("embeddings", self._body(request))
 
-    async def infer(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def infer(self, payload: dict[str, Any], turn: Turn = NO_TURN) -> dict[str, Any]:
         if not self._endpoint:
             return await super().infer(payload)
         return await self._post_json(self._endpoint, payload, openai=False)

@@ -3,6 +3,13 @@
 
 Uses vLLM's ``AsyncLLMEngine`` (continuous batching inside one replica): ``generate`` yields cumulative
 ``RequestOutput``s; we turn them into OpenAI objects and deltas.
+
+Priority: requests beyond the engine's ``max_num_seqs`` wait in vLLM's own scheduler, so that is where a
+request's ``Turn`` must count. vLLM orders its queue by ``priority`` only under
+``scheduling_policy="priority"`` (the default here): lower values first, ties by arrival; and when the
+KV cache runs short it preempts the running request of lowest priority, not the newest one
+(``vllm/v1/core/sched/scheduler.py``). Fair share between the keys of one priority stays with the
+ingress's queue.
 """
 
 from __future__ import annotations
@@ -13,10 +20,37 @@ from typing import Any
 
 from serve_app.engines.base import EngineBase, new_id, now, usage
 from serve_app.errors import ServiceUnavailable, UnsupportedParameter
+from serve_app.fair_queue import NO_TURN, Turn
 from serve_app.registry.catalog import ModelSpec, resolve_source
 from serve_app.schemas import ChatCompletionRequest, GenerateRequest
 
 _UNSUPPORTED = ("tools", "functions", "logprobs", "response_format")
+# What vLLM runs at once when ``max_num_seqs`` is unset: ``SchedulerConfig.DEFAULT_MAX_NUM_SEQS`` (128
+# in vLLM 0.11 to 0.13 and on main). ``AsyncLLMEngine.from_engine_args`` builds its config for
+# ``UsageContext.ENGINE_CONTEXT``, which ``EngineArgs.get_batch_defaults`` has no entry for (its 256 and
+# 1024 are for ``vllm serve`` and ``LLM``), so this is the value that applies to us.
+VLLM_DEFAULT_MAX_NUM_SEQS = 128
+
+
+def vllm_priority(turn: Turn) -> int:
+    """vLLM serves lower values first; IIR serves higher key priorities first."""
+    return -turn.priority
+
+
+def engine_args_options(engine_options: dict[str, Any]) -> dict[str, Any]:
+    """``AsyncEngineArgs`` keywords: models.yaml's ``engine_options`` over our defaults."""
+    # Without the priority policy vLLM ignores (older releases: refuse) a request's priority.
+    return {"scheduling_policy": "priority", **engine_options}
+
+
+def concurrency(engine_options: dict[str, Any]) -> int:
+    """How many requests the engine runs at once (the rest wait in its scheduler). vLLM counts sequences:
+    a request for ``n`` choices takes ``n`` of them."""
+    if engine_options.get("max_num_seqs"):
+        return int(engine_options["max_num_seqs"])
+    # vLLM lowers its own default to the token budget, when one is given.
+    tokens = engine_options.get("max_num_batched_tokens")
+    return min(VLLM_DEFAULT_MAX_NUM_SEQS, int(tokens)) if tokens else VLLM_DEFAULT_MAX_NUM_SEQS
 
 
 class VLLMEngine(EngineBase):
@@ -25,8 +59,11 @@ class VLLMEngine(EngineBase):
     def __init__(self, model_path: str, **engine_options: Any) -> None:
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=model_path, **engine_options))
+        options = engine_args_options(engine_options)
+        self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=model_path, **options))
         self._tokenizer: Any = None
+        # An operator who chose another policy gets it as is: no priorities it would reject.
+        self._prioritised = options["scheduling_policy"] == "priority"
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> VLLMEngine:
@@ -58,19 +95,20 @@ class VLLMEngine(EngineBase):
             frequency_penalty=request.frequency_penalty or 0.0,
         )
 
-    async def _run(self, request: GenerateRequest) -> AsyncIterator[Any]:
+    async def _run(self, request: GenerateRequest, turn: Turn) -> AsyncIterator[Any]:
         request_id = uuid.uuid4().hex
+        priority = vllm_priority(turn) if self._prioritised else 0
         try:
             async for output in self._engine.generate(await self._prompt(request), self._sampling(request),
-                                                      request_id):
+                                                      request_id, priority=priority):
                 yield output
         finally:
             # A client that went away must not keep a GPU slot busy.
             await self._engine.abort(request_id)
 
-    async def generate(self, request: GenerateRequest) -> dict[str, Any]:
+    async def generate(self, request: GenerateRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
         final = None
-        async for output in self._run(request):
+        async for output in self._run(request, turn):
             final = output
         assert final is not None
         chat = isinstance(request, ChatCompletionRequest)
@@ -80,13 +118,13 @@ class VLLMEngine(EngineBase):
                 "created": now(), "model": request.model, "choices": choices,
                 "usage": usage(len(final.prompt_token_ids or []), generated)}
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: GenerateRequest, turn: Turn = NO_TURN) -> AsyncIterator[dict[str, Any]]:
         chat = isinstance(request, ChatCompletionRequest)
         meta = {"id": new_id("chatcmpl" if chat else "cmpl"), "object": _object(chat, True),
                 "created": now(), "model": request.model}
         sent: dict[int, int] = {}
         final = None
-        async for output in self._run(request):
+        async for output in self._run(request, turn):
             final = output
             for o in output.outputs:
                 delta_text = o.text[sent.get(o.index, 0):]

@@ -1,77 +1,182 @@
-"""Priority admission for local models: when a model's replicas are full, waiting requests are let in
-by their API key's ``priority`` (higher first; equal priorities in arrival order).
+"""Admission gates: where requests wait, by key priority, for room on a full model, and where they are
+refused at once when waiting would take longer than their priority class allows.
 
-Capacity, per ingress replica, is what the model's replicas take at once: ``max_ongoing_requests``
-× running replicas (at least 1, so a model waking from zero admits its first requests). Past it,
-Serve would queue requests first-come-first-served inside its handle; IIR queues them here instead,
-where the key is known. A request waits at most ``IIR_QUEUE_TIMEOUT_S``, then gets 503
-``model_busy`` with ``Retry-After``. Remote models are not gated (their capacity is the provider's).
+A gate fronts a local model (capacity: what its engines run at once, × running replicas) or, when
+configured, a remote model or provider (``max_concurrency``). Waiters go in IIR's order
+(serve_app/fair_queue.py: priority, then fair share between keys, then arrival).
 
-With several ingress replicas each orders its own queue; a model's replicas can then see up to
-(ingress replicas × capacity) requests, and Serve queues the surplus in arrival order. Autoscaling
-still sees the load: a full model runs at ``max_ongoing_requests`` per replica, above any
-``target_ongoing_requests``.
+Three rules (docs/ARCHITECTURE.md, "Priority under overload"):
+
+1. **Capacity follows the engine.** A llama.cpp replica runs one generation at a time, so the gate lets
+   one request per replica through: the rest wait here, in order, instead of in the replica.
+2. **Burst for preemption.** A request whose class outranks one in flight may go past the capacity (up
+   to ``capacity + burst``: the replicas' ``max_ongoing_requests``): the engine's own queue puts it first
+   and pauses the lower one (serve_app/engines/slots.py), so it never waits for a low-priority
+   generation to end.
+3. **Shedding.** A request whose estimated wait (requests ahead of it × the gate's average hold time ÷
+   capacity) passes its class's ``max_wait_s`` gets 503 ``overloaded`` with ``Retry-After`` at once.
+   When a higher-priority request joins, lower ones behind it whose estimate now passes their budget
+   are refused the same way ("pushed out"), and one still waiting when its budget runs out is refused
+   then ("deadline"). The estimate counts the share of the gate that higher classes took lately: a
+   stream of high-priority requests passing through the burst room leaves lower ones little.
+   Budgets never shrink with rank (config validation), so a higher priority is never shed while a
+   lower one waits. A wait past ``IIR_QUEUE_TIMEOUT_S`` is the backstop: 503 ``model_busy``.
+
+Why 503 and not 429: 429 says the caller exceeded its own quota (rate limits, docs/API.md); here the
+server is full. Both carry ``Retry-After`` (and ``retry-after-ms``), which the official SDKs honour.
+
+With several ingress replicas each keeps its own gates; a model's replicas then see up to (ingress
+replicas × capacity) requests, and the engine's queue orders them the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
+import math
+import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serve_app import metrics
 from serve_app.errors import ServiceUnavailable
+from serve_app.fair_queue import Entry, FairQueue, GateLimits, Turn
 
 Release = Callable[[], None]
+_EWMA = 0.2  # weight of the newest hold time in the gate's average
+_BUSY_WINDOW_S = 10.0  # time constant of each class's measured share of the gate
+_MIN_SHARE = 0.05  # what a class is assumed to keep of a gate that higher classes fill
 
 
-@dataclass
+@dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future[None]
+    max_wait_s: float | None
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
 class _Gate:
-    in_flight: int = 0
-    waiting: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)  # a heap
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.in_flight = 0
+        self.ranks: Counter[int] = Counter()  # class rank → requests in flight
+        self.priorities: Counter[int] = Counter()  # key priority → requests in flight
+        self.waiting: FairQueue[_Waiter] = FairQueue()
+        self.hold_s: float | None = None  # moving average of admission → release
+        self.busy: dict[int, tuple[float, float]] = {}  # class rank → (decayed held seconds, as of)
+        self.created = time.monotonic()
+        self.depth: Counter[str] = Counter()  # class label → waiting
+
+    def can_enter(self, turn: Turn, limits: GateLimits) -> bool:
+        if self.in_flight < limits.capacity:
+            return True
+        lowest = min((r for r, n in self.ranks.items() if n > 0), default=turn.rank)
+        return self.in_flight < limits.capacity + limits.burst and turn.rank > lowest
+
+    def estimate_s(self, entry: Entry[_Waiter], limits: GateLimits) -> float:
+        """How long ``entry`` will wait: the requests ahead of it, served ``capacity`` at a time, on
+        the share of the gate that higher classes have recently left over (a stream of high-priority
+        requests that never queue here still takes the slots)."""
+        if self.hold_s is None:
+            return 0.0  # nothing measured yet: never shed on a guess
+        priority = entry.turn.priority
+        # With burst room the engine preempts lower classes, so only requests at or above count.
+        in_flight = (sum(n for p, n in self.priorities.items() if p >= priority) if limits.burst
+                     else self.in_flight)
+        queued = sum(1 for w in self.waiting if w.order < entry.order)
+        ahead = max(0, in_flight + queued - limits.capacity + 1)
+        left = max(_MIN_SHARE, 1.0 - self.share_above(entry.turn.rank, limits))
+        return ahead * self.hold_s / (limits.capacity * left)
+
+    def held(self, rank: int, seconds: float) -> None:
+        now = time.monotonic()
+        total, since = self.busy.get(rank, (0.0, now))
+        self.busy[rank] = (total * math.exp((since - now) / _BUSY_WINDOW_S) + seconds, now)
+
+    def share_above(self, rank: int, limits: GateLimits) -> float:
+        """The fraction of the gate's slots that classes above ``rank`` held lately."""
+        now = time.monotonic()
+        held = sum(total * math.exp((since - now) / _BUSY_WINDOW_S)
+                   for r, (total, since) in self.busy.items() if r > rank)
+        # The same decay applied to the time the gate has existed: a new gate is not "mostly idle".
+        seen = _BUSY_WINDOW_S * -math.expm1((self.created - now) / _BUSY_WINDOW_S)
+        return min(1.0, held / (max(seen, 1e-3) * limits.capacity))
 
 
 class Admission:
     def __init__(self, timeout_s: float) -> None:
         self._timeout_s = timeout_s
         self._gates: dict[str, _Gate] = {}
-        self._order = itertools.count()
-        self._queued: dict[int, int] = {}  # priority → requests waiting, over all models
 
-    def queued(self, model_id: str) -> int:
-        gate = self._gates.get(model_id)
-        return sum(1 for *_, f in gate.waiting if not f.done()) if gate else 0
+    def queued(self, gate: str) -> int:
+        found = self._gates.get(gate)
+        return len(found.waiting) if found else 0
 
-    async def enter(self, model_id: str, capacity: int, priority: int) -> Release:
-        """Wait for a slot; the returned function gives it back (call it exactly once)."""
-        gate = self._gates.setdefault(model_id, _Gate())
-        if gate.in_flight < capacity and not any(not f.done() for *_, f in gate.waiting):
-            gate.in_flight += 1
-            return self._release_for(gate, capacity)
-        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(gate.waiting, (-priority, next(self._order), ticket))
-        self._count_queued(priority, +1)
+    async def enter(self, gate_name: str, limits: GateLimits, turn: Turn,
+                    max_wait_s: float | None = None) -> Release:
+        """Wait for room (or be refused); the returned function gives it back (call it once)."""
+        gate = self._gates.get(gate_name) or self._gates.setdefault(gate_name, _Gate(gate_name))
+        if not len(gate.waiting) and gate.can_enter(turn, limits):
+            return self._admit(gate, turn, limits, waited_s=0.0)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), max_wait_s)
+        entry = gate.waiting.push(turn, waiter)
+        self._wake(gate, limits)  # it may outrank everything in flight (burst)
+        if not waiter.future.done():
+            if (refusal := self._over_budget(gate, entry, limits)) is not None:
+                gate.waiting.remove(entry)
+                self._shed(gate, turn, "budget")
+                raise refusal
+            self._push_out_lower(gate, entry, limits)
+        return await self._wait(gate, entry, limits)
+
+    async def _wait(self, gate: _Gate, entry: Entry[_Waiter], limits: GateLimits) -> Release:
+        turn, waiter = entry.turn, entry.item
+        # A class never waits past its budget, even when the line moved slower than estimated.
+        limit_s = min(self._timeout_s, waiter.max_wait_s or self._timeout_s)
+        self._count(gate, turn, +1)
         try:
-            await asyncio.wait_for(asyncio.shield(ticket), self._timeout_s)
+            async with asyncio.timeout(limit_s):
+                await asyncio.shield(waiter.future)
         except TimeoutError:
-            if not ticket.done():
-                ticket.cancel()  # _wake skips it
+            if not waiter.future.done():
+                estimate_s = gate.estimate_s(entry, limits)
+                gate.waiting.remove(entry)
+                waiter.future.cancel()
+                if limit_s < self._timeout_s:
+                    self._shed(gate, turn, "deadline")
+                    raise ServiceUnavailable(
+                        f"model '{gate.name}' is overloaded: a {turn.label}-priority request waited "
+                        f"{limit_s:g} s, this class's limit; retry later", param="model",
+                        code="overloaded", headers=_retry_after(estimate_s)) from None
+                self._shed(gate, turn, "timeout")
                 raise ServiceUnavailable(
-                    f"model '{model_id}' is busy: all its replicas are serving requests; retry shortly",
-                    param="model", code="model_busy", headers={"Retry-After": "1"}) from None
+                    f"model '{gate.name}' is busy: all its replicas are serving requests; retry shortly",
+                    param="model", code="model_busy", headers=_retry_after(1.0)) from None
         except asyncio.CancelledError:  # the client left while waiting
-            if ticket.done() and not ticket.cancelled():
-                self._release_for(gate, capacity)()  # it was let in just now: pass the slot on
+            gate.waiting.remove(entry)
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self._release_for(gate, turn, limits, time.perf_counter())()  # let in just now: pass it on
             else:
-                ticket.cancel()
+                waiter.future.cancel()
             raise
         finally:
-            self._count_queued(priority, -1)
-        return self._release_for(gate, capacity)
+            self._count(gate, turn, -1)
+        if (error := waiter.future.exception()) is not None:
+            raise error  # pushed out by a higher priority
+        return self._release_for(gate, turn, limits, time.perf_counter())
 
-    def _release_for(self, gate: _Gate, capacity: int) -> Release:
+    def _admit(self, gate: _Gate, turn: Turn, limits: GateLimits, waited_s: float) -> Release:
+        self._take(gate, turn)
+        metrics.QUEUE_WAIT.observe(waited_s, model=gate.name, priority_class=turn.label, where="ingress")
+        return self._release_for(gate, turn, limits, time.perf_counter())
+
+    @staticmethod
+    def _take(gate: _Gate, turn: Turn) -> None:
+        gate.in_flight += 1
+        gate.ranks[turn.rank] += 1
+        gate.priorities[turn.priority] += 1
+
+    def _release_for(self, gate: _Gate, turn: Turn, limits: GateLimits, since: float) -> Release:
         released = False
 
         def release() -> None:
@@ -79,20 +184,60 @@ class Admission:
             if released:
                 return
             released = True
+            held = time.perf_counter() - since
+            gate.hold_s = held if gate.hold_s is None else gate.hold_s + _EWMA * (held - gate.hold_s)
+            gate.held(turn.rank, held)
             gate.in_flight -= 1
-            self._wake(gate, capacity)
+            gate.ranks[turn.rank] -= 1
+            gate.priorities[turn.priority] -= 1
+            self._wake(gate, limits)
 
         return release
 
-    @staticmethod
-    def _wake(gate: _Gate, capacity: int) -> None:
-        while gate.waiting and gate.in_flight < capacity:
-            *_, ticket = heapq.heappop(gate.waiting)
-            if ticket.done():
-                continue  # timed out or abandoned
-            gate.in_flight += 1
-            ticket.set_result(None)
+    def _wake(self, gate: _Gate, limits: GateLimits) -> None:
+        while (entry := gate.waiting.peek()) is not None and gate.can_enter(entry.turn, limits):
+            gate.waiting.pop()
+            if entry.item.future.done():
+                continue
+            self._take(gate, entry.turn)
+            metrics.QUEUE_WAIT.observe(time.perf_counter() - entry.item.queued_at, model=gate.name,
+                                       priority_class=entry.turn.label, where="ingress")
+            entry.item.future.set_result(None)
 
-    def _count_queued(self, priority: int, delta: int) -> None:
-        self._queued[priority] = self._queued.get(priority, 0) + delta
-        metrics.QUEUED.set(self._queued[priority], priority=str(priority))
+    def _over_budget(self, gate: _Gate, entry: Entry[_Waiter], limits: GateLimits
+                     ) -> ServiceUnavailable | None:
+        budget = entry.item.max_wait_s
+        if budget is None:
+            return None
+        wait_s = gate.estimate_s(entry, limits)
+        if wait_s <= budget:
+            return None
+        return ServiceUnavailable(
+            f"model '{gate.name}' is overloaded: the wait for a {entry.turn.label}-priority request "
+            f"would be about {wait_s:.0f} s, over this class's {budget:g} s; retry later",
+            param="model", code="overloaded", headers=_retry_after(wait_s - budget))
+
+    def _push_out_lower(self, gate: _Gate, newcomer: Entry[_Waiter], limits: GateLimits) -> None:
+        """A higher-priority request went ahead of lower ones: refuse those whose wait now passes their
+        budget, from the back of the line."""
+        lower = [e for e in gate.waiting if e.turn.priority < newcomer.turn.priority
+                 and e.item.max_wait_s is not None]
+        for entry in sorted(lower, key=lambda e: e.order, reverse=True):
+            if (refusal := self._over_budget(gate, entry, limits)) is None:
+                break  # the rest are ahead of this one: shorter waits
+            gate.waiting.remove(entry)
+            self._shed(gate, entry.turn, "pushed_out")
+            entry.item.future.set_exception(refusal)
+
+    def _shed(self, gate: _Gate, turn: Turn, reason: str) -> None:
+        metrics.SHED.inc(model=gate.name, priority_class=turn.label, reason=reason)
+
+    def _count(self, gate: _Gate, turn: Turn, delta: int) -> None:
+        gate.depth[turn.label] += delta
+        metrics.QUEUED.set(gate.depth[turn.label], model=gate.name, priority_class=turn.label,
+                           where="ingress")
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    seconds = max(1.0, seconds)
+    return {"Retry-After": str(math.ceil(seconds)), "retry-after-ms": str(math.ceil(seconds * 1000))}

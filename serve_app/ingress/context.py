@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from serve_app import metrics
+from serve_app.fair_queue import NO_TURN, Turn
 
 if TYPE_CHECKING:
     from serve_app.auth.keystore import KeyInfo
@@ -51,6 +52,7 @@ class RequestContext:
     route: Route | None = None  # the attempt in progress, then the one that answered
     target: str = ""  # the model or group asked for (auto: the model it chose)
     attempts: int = 0
+    turn: Turn = NO_TURN  # its place in the models' queues: key priority, key, priority class
     fallback: bool = False  # a fallback answered, not the target
     decision: Decision | None = None  # /v1/classify: what auto would do, no model called
     cache_lookup: Lookup | None = None

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from serve_app.engines.base import new_id
 from serve_app.errors import InvalidRequest, ServiceUnavailable
+from serve_app.fair_queue import Turn
 from serve_app.ingress.metering import with_stream_usage
 from serve_app.routing.classifier import Conversation
 from serve_app.routing.router import AUTO_MODELS, Decision, Route
@@ -58,10 +59,11 @@ class Job:
         cached."""
         return None
 
-    async def call(self, route: Route) -> dict[str, Any]:
+    # ``turn``: the request's place in the model's queues (serve_app/fair_queue.py)
+    async def call(self, route: Route, turn: Turn) -> dict[str, Any]:
         raise NotImplementedError
 
-    def stream(self, route: Route) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, route: Route, turn: Turn) -> AsyncIterator[dict[str, Any]]:
         raise NotImplementedError
 
     @property
@@ -95,14 +97,14 @@ class GenerateJob(Job):
     def cacheable(self) -> GenerateRequest | None:
         return self.body
 
-    async def call(self, route: Route) -> dict[str, Any]:
-        result = await route.engine.generate(self._for(route))
+    async def call(self, route: Route, turn: Turn) -> dict[str, Any]:
+        result = await route.engine.generate(self._for(route), turn)
         result["model"] = route.spec.id
         return result
 
-    def stream(self, route: Route) -> AsyncIterator[dict[str, Any]]:
+    def stream(self, route: Route, turn: Turn) -> AsyncIterator[dict[str, Any]]:
         # Always asked for usage, to meter it; the meter strips it again unless the client asked too.
-        return route.engine.stream(with_stream_usage(self._for(route)))
+        return route.engine.stream(with_stream_usage(self._for(route)), turn)
 
     @property
     def client_wants_usage(self) -> bool:
@@ -120,8 +122,8 @@ class EmbedJob(Job):
         self.body = body
         self.model = body.model
 
-    async def call(self, route: Route) -> dict[str, Any]:
-        result = await route.engine.embed(self.body.model_copy(update={"model": route.spec.id}))
+    async def call(self, route: Route, turn: Turn) -> dict[str, Any]:
+        result = await route.engine.embed(self.body.model_copy(update={"model": route.spec.id}), turn)
         result["model"] = route.spec.id
         return result
 
@@ -156,21 +158,21 @@ class InferJob(Job):
         prompt = self.payload.get("prompt") or self.payload.get("text") or ""
         return [("user", str(prompt))]
 
-    async def call(self, route: Route) -> dict[str, Any]:
+    async def call(self, route: Route, turn: Turn) -> dict[str, Any]:
         spec = route.spec
         if spec.task == "generic":
-            output, usage = await route.engine.infer(self.payload), None
+            output, usage = await route.engine.infer(self.payload, turn), None
         elif spec.task == "embedding":
-            output, usage = await self._embed(route)
+            output, usage = await self._embed(route, turn)
         else:
-            output, usage = await self._generate(route)
+            output, usage = await self._generate(route, turn)
         body: dict[str, Any] = {"id": new_id("infer"), "object": "inference", "model": spec.id,
                                 "task": spec.task, "output": output}
         if usage is not None:
             body["usage"] = usage
         return body
 
-    async def _generate(self, route: Route) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def _generate(self, route: Route, turn: Turn) -> tuple[dict[str, Any], dict[str, Any]]:
         payload, prompt = self.payload, self.payload.get("prompt")
         sampling = {"max_tokens": DEFAULT_INFER_MAX_TOKENS,
                     **{k: payload[k] for k in _SAMPLING_KEYS if k in payload}}
@@ -182,7 +184,7 @@ class InferJob(Job):
                                      param="input.prompt", code="invalid_value")
             request = _build(ChatCompletionRequest, {"model": route.spec.id, "messages": messages,
                                                      **sampling})
-            result = await route.engine.generate(request)
+            result = await route.engine.generate(request, turn)
             choice = result["choices"][0]
             return {"text": choice["message"].get("content") or "",
                     "finish_reason": choice.get("finish_reason")}, result.get("usage", {})
@@ -190,17 +192,18 @@ class InferJob(Job):
             raise InvalidRequest("completion models take input.prompt (a string)", param="input.prompt",
                                  code="invalid_value")
         request = _build(CompletionRequest, {"model": route.spec.id, "prompt": prompt, **sampling})
-        result = await route.engine.generate(request)
+        result = await route.engine.generate(request, turn)
         choice = result["choices"][0]
         return {"text": choice.get("text", ""), "finish_reason": choice.get("finish_reason")}, \
             result.get("usage", {})
 
-    async def _embed(self, route: Route) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def _embed(self, route: Route, turn: Turn) -> tuple[dict[str, Any], dict[str, Any]]:
         text = self.payload.get("text")
         if not isinstance(text, str | list):
             raise InvalidRequest("embedding models take input.text (a string or a list of strings)",
                                  param="input.text", code="invalid_value")
-        result = await route.engine.embed(_build(EmbeddingRequest, {"model": route.spec.id, "input": text}))
+        result = await route.engine.embed(_build(EmbeddingRequest, {"model": route.spec.id, "input": text}),
+                                          turn)
         vectors = [item["embedding"] for item in result["data"]]
         output = {"embedding": vectors[0]} if isinstance(text, str) else {"embeddings": vectors}
         return output, result.get("usage", {})

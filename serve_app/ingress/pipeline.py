@@ -75,9 +75,11 @@ class Pipeline:
             return Answer(job.answer(ctx.decision))
         if (hit := await self._cache(ctx, job, plan)) is not None:
             return hit
+        assert ctx.key is not None
+        ctx.turn = self._gateway.router.catalog.scheduling.turn(ctx.key.priority, ctx.key.id)
         if job.streaming:
             return await self._call_stream(ctx, job, plan)
-        route, result = await self._attempts(ctx, plan, job.call)
+        route, result = await self._attempts(ctx, plan, lambda route: job.call(route, ctx.turn))
         ctx.release_model()
         self._meter(ctx, route.spec.id).record(result.get("usage"))
         self._store(ctx, plan, {"kind": "json", "body": result})
@@ -143,12 +145,14 @@ class Pipeline:
         first = next(chunks, None)
         return Answer(None, dict(first) if first is not None else None, replay())
 
-    # 5. admit: wait, by key priority, for room on a full local model (admission.py)
+    # 5. admit: wait in line, by key priority and fair share, for room on a full model, or be refused
+    #    at once past the class's budget (admission.py)
     async def _admit(self, ctx: RequestContext, route: Route) -> None:
-        if route.capacity is None:
+        if route.gate is None or route.limits is None:
             return
-        assert ctx.key is not None
-        ctx.hold(await self._gateway.admission.enter(route.spec.id, route.capacity, ctx.key.priority))
+        scheduling = self._gateway.router.catalog.scheduling
+        ctx.hold(await self._gateway.admission.enter(route.gate, route.limits, ctx.turn,
+                                                     scheduling.max_wait_s(ctx.turn)))
 
     # 6. call: each attempt of the plan in turn (serve_app/routing/plan.py), until one answers; for a
     #    stream, until one gives its first chunk (never after: a cut stream ends with an error event)
@@ -196,7 +200,7 @@ class Pipeline:
 
     async def _call_stream(self, ctx: RequestContext, job: Job, plan: Plan) -> Answer:
         async def first_chunk(route: Route) -> tuple[dict[str, Any] | None, AsyncIterator[dict[str, Any]]]:
-            chunks = job.stream(route)
+            chunks = job.stream(route, ctx.turn)
             try:
                 return await anext(chunks), chunks
             except StopAsyncIteration:

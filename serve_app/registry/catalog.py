@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, model_validator
 
+from serve_app.fair_queue import Turn
+
 LOCAL_ENGINES = frozenset({"llama_cpp", "sentence_transformers", "vllm"})
 REMOTE_ENGINES = frozenset({"openai", "http"})
 Engine = Literal["llama_cpp", "sentence_transformers", "vllm", "openai", "http"]
@@ -92,6 +94,9 @@ class ModelSpec(Fallbacks):
     resources: Resources = Field(default_factory=Resources)
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     max_ongoing_requests: int = Field(16, ge=1)
+    # Remote models: requests in flight at once, per ingress replica (else the provider's limit, if
+    # any); more wait in line by key priority. Local models take theirs from the engine.
+    max_concurrency: int | None = Field(None, ge=1)
     # Routing hints ("code", "small", "multilingual", ...): free-form, matched by routing policies.
     tags: list[str] = Field(default_factory=list)
     # USD per 1,000 tokens. Remote: the provider's price. Local: derived from the hardware it reserves
@@ -170,6 +175,9 @@ class ProviderSpec(_Strict):
     base_url: str
     api_key_env: str | None = Field(None, description="environment variable holding the upstream key")
     timeout_s: float | None = Field(None, gt=0)
+    # Requests in flight to this provider at once, per ingress replica; more wait in line by key
+    # priority (serve_app/ingress/admission.py). Unset: no limit.
+    max_concurrency: int | None = Field(None, ge=1)
     # List the provider's own models (GET {base_url}/models) at start and on registry refresh.
     discover: bool = False
     discover_prefixes: list[str] = Field(default_factory=list, description="keep only ids starting so")
@@ -240,12 +248,66 @@ class Resilience(_Strict):
         return self
 
 
+class PriorityClass(_Strict):
+    """Keys whose priority is ``min_priority`` or more (up to the next class) form this class."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    min_priority: int = Field(ge=0, le=100)
+    max_wait_s: float | None = Field(
+        None, gt=0, description="refuse at once (503 + Retry-After) a request of this class whose "
+        "estimated wait for a full model is longer; unset: never shed, wait up to IIR_QUEUE_TIMEOUT_S")
+
+
+def _default_classes() -> list[PriorityClass]:
+    return [PriorityClass(name="low", min_priority=0, max_wait_s=10.0),
+            PriorityClass(name="normal", min_priority=30, max_wait_s=30.0),
+            PriorityClass(name="high", min_priority=70)]
+
+
+class Scheduling(_Strict):
+    """Priority classes (``scheduling:`` in models.yaml; docs/ARCHITECTURE.md, "Priority under
+    overload"): a request's class decides whether it may preempt another, its queueing budget and its
+    metric label; its key's raw priority decides its order in line."""
+
+    classes: list[PriorityClass] = Field(default_factory=_default_classes)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Scheduling:
+        self.classes = sorted(self.classes, key=lambda c: c.min_priority)
+        floors = [c.min_priority for c in self.classes]
+        names = [c.name for c in self.classes]
+        if not self.classes or floors[0] != 0:
+            raise ValueError("scheduling.classes: one class must start at min_priority 0")
+        if len(set(floors)) != len(floors) or len(set(names)) != len(names):
+            raise ValueError("scheduling.classes: names and min_priority values must be unique")
+        # A higher class never gets a smaller budget: then a high-priority request is only shed once
+        # every lower one waiting behind it has been (its wait is longer, its budget no larger).
+        budgets = [c.max_wait_s if c.max_wait_s is not None else float("inf") for c in self.classes]
+        for lower, higher, a, b in zip(self.classes, self.classes[1:], budgets, budgets[1:], strict=False):
+            if b < a:
+                raise ValueError(f"scheduling.classes: {higher.name}.max_wait_s must be at least "
+                                 f"{lower.name}.max_wait_s (a higher class never gets a smaller budget)")
+        return self
+
+    def rank(self, priority: int) -> int:
+        """The index of ``priority``'s class (0 the lowest)."""
+        return max(i for i, c in enumerate(self.classes) if c.min_priority <= priority)
+
+    def turn(self, priority: int, tenant: str) -> Turn:
+        rank = self.rank(priority)
+        return Turn(priority=priority, tenant=tenant, rank=rank, label=self.classes[rank].name)
+
+    def max_wait_s(self, turn: Turn) -> float | None:
+        return self.classes[turn.rank].max_wait_s if turn.rank < len(self.classes) else None
+
+
 class Catalog(_Strict):
     models: list[ModelSpec]
     providers: list[ProviderSpec] = Field(default_factory=list)
     default_model: str
     groups: list[ModelGroup] = Field(default_factory=list)
     resilience: Resilience = Field(default_factory=Resilience)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
 
     @model_validator(mode="after")
     def _references(self) -> Catalog:

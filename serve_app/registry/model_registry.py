@@ -42,6 +42,7 @@ from serve_app.registry.catalog import (
     ModelSpec,
     ProviderSpec,
     Resilience,
+    Scheduling,
     resolve_source,
 )
 from serve_app.registry.cost import CPU_HOUR_USD, cost_per_1k_tokens
@@ -104,6 +105,7 @@ class RegistrySnapshot(BaseModel):
     default_model: str = ""
     groups: list[ModelGroup] = Field(default_factory=list)
     resilience: Resilience = Field(default_factory=Resilience)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
     nodes: list[dict[str, Any]] = Field(default_factory=list)
     refreshed_at: float = 0.0
 
@@ -111,7 +113,7 @@ class RegistrySnapshot(BaseModel):
         """Every entry, unavailable ones too: asking for one is a 503 with its reason, not a 404."""
         return Catalog.model_construct(models=[e.spec for e in self.entries], providers=self.providers,
                                        default_model=self.default_model, groups=self.groups,
-                                       resilience=self.resilience)
+                                       resilience=self.resilience, scheduling=self.scheduling)
 
     def entry(self, model_id: str) -> RegistryEntry | None:
         return next((e for e in self.entries if e.id == model_id), None)
@@ -309,6 +311,7 @@ class ModelRegistry:
             default_model=declared.default_model if declared else old.default_model,
             groups=declared.groups if declared else old.groups,
             resilience=declared.resilience if declared else old.resilience,
+            scheduling=declared.scheduling if declared else old.scheduling,
             nodes=[n.to_dict() for n in nodes] if nodes is not None else old.nodes,
             refreshed_at=time.time() if nodes else old.refreshed_at,
         )

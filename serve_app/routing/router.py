@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from serve_app import metrics
 from serve_app.engines.base import InferenceEngine
+from serve_app.engines.factory import engine_concurrency
 from serve_app.errors import IIRError, ModelNotFound, ServiceUnavailable
 from serve_app.failopen import Backoff, FailOpen
+from serve_app.fair_queue import GateLimits
 from serve_app.registry.catalog import Catalog, ModelGroup, ModelSpec
 from serve_app.routing.classifier import Candidate, Classification, Conversation, RoutingPolicy
 from serve_app.routing.health import HealthBoard
@@ -49,8 +51,10 @@ class Route:
     spec: ModelSpec
     engine: InferenceEngine
     decision: Decision | None = None  # model: "auto" only
-    # Requests the model's replicas take at once (local models; serve_app/ingress/admission.py), else None.
-    capacity: int | None = None
+    # The admission gate in front of it (serve_app/ingress/admission.py): local models, and remote
+    # ones with max_concurrency; None: not gated.
+    gate: str | None = None
+    limits: GateLimits | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,8 @@ class ModelRouter:
         self._entries = dict(entries or {})
         self._specs = {m.id: m for m in catalog.models}
         self._groups = {g.id: g for g in catalog.groups}
+        self._providers = {p.name: p for p in catalog.providers}
+        self._gates = {m.id: gate for m in catalog.models if (gate := self._gate(m)) is not None}
         self.health.configure(catalog.resilience.cooldown)
 
     def models(self) -> list[ModelSpec]:
@@ -193,10 +199,26 @@ class ModelRouter:
             raise ServiceUnavailable(
                 f"model '{spec.id}' is starting a replica; retry in {self._retry_after} s", param="model",
                 code="model_loading", headers={"Retry-After": self._retry_after})
-        capacity = None
-        if entry is not None and spec.is_local:
-            capacity = spec.max_ongoing_requests * max(entry.replicas or 1, 1)
-        return Route(spec, engine, decision, capacity)
+        gate, limits = self._gates.get(spec.id, (None, None))
+        return Route(spec, engine, decision, gate, limits)
+
+    def _gate(self, spec: ModelSpec) -> tuple[str, GateLimits] | None:
+        """A local model's room is its engines' real concurrency × running replicas, plus burst up to
+        ``max_ongoing_requests`` for requests that outrank one in flight (admission.py). A remote one's
+        is its own ``max_concurrency``, else its provider's (one gate for all the provider's models)."""
+        if spec.is_local:
+            entry = self._entries.get(spec.id)
+            if entry is None:
+                return None  # not run by the registry (in-process engines in tests and benches)
+            replicas = max(entry.replicas or 1, 1)
+            running = min(engine_concurrency(spec), spec.max_ongoing_requests)
+            return spec.id, GateLimits(running * replicas, (spec.max_ongoing_requests - running) * replicas)
+        if spec.max_concurrency is not None:
+            return spec.id, GateLimits(spec.max_concurrency)
+        provider = self._providers.get(str(spec.provider))
+        if provider is not None and provider.max_concurrency is not None:
+            return f"provider:{provider.name}", GateLimits(provider.max_concurrency)
+        return None
 
     def _next_for_auto(self, decision: Decision, tried: set[str]) -> str | None:
         """``auto``'s chosen model failed: the category's next candidate (never one already tried)."""

@@ -1,0 +1,122 @@
+"""A provider's ``max_concurrency``: requests beyond it wait in line by key priority, and low-priority
+ones past their class's budget are refused at once (503 + Retry-After). Real HTTP to a slow upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from serve_app.auth.keystore import KeyStore
+from serve_app.auth.service import AuthService
+from serve_app.ingress.app import create_app
+from serve_app.ingress.gateway import Gateway, build_in_process_gateway
+from serve_app.routing.classifier import EmbeddingClassifier
+from serve_app.settings import Settings
+from tests.conftest import REDIS_URL, write_configs
+from tests.ingress.conftest import TRUSTED
+from tests.support.fake_upstream import FakeUpstream
+
+DELAY_S = 0.3
+GATE = "provider:fake"
+
+
+@pytest.fixture(scope="module")
+def slow_upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(api_key="sk-slow", first_byte_delay_s=DELAY_S) as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def gated(tmp_path: Path, slow_upstream: FakeUpstream, prompt_classifier: EmbeddingClassifier,
+                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    monkeypatch.setenv("IIR_TEST_UPSTREAM_KEY", str(slow_upstream.api_key))
+    configs = write_configs(tmp_path, slow_upstream.base_url, local=False)
+    providers = yaml.safe_load(configs["providers_config"].read_text())
+    providers["providers"][0]["max_concurrency"] = 1
+    configs["providers_config"].write_text(yaml.safe_dump(providers))
+    models = yaml.safe_load(configs["models_config"].read_text())
+    # low: shed past ~2 requests' wait; high: never shed
+    models["scheduling"] = {"classes": [{"name": "low", "min_priority": 0, "max_wait_s": 2.5 * DELAY_S},
+                                        {"name": "high", "min_priority": 50}]}
+    configs["models_config"].write_text(yaml.safe_dump(models))
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'keys.db'}", redis_url=REDIS_URL,
+                        cache_backend="off", **configs)
+    store = KeyStore(settings.database_url_plain())
+    store.create_schema()
+    auth = AuthService(store, redis_url=settings.redis_url, redis_timeout_s=settings.redis_timeout_s)
+    gateway = build_in_process_gateway(settings, verifier=auth, key_admin=auth, classifier=prompt_classifier)
+    app = create_app(gateway)
+    try:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app, client=TRUSTED), base_url="http://iir.test",
+                timeout=60) as client:
+            yield gateway, client
+    finally:
+        await auth.close()
+        store.close()
+
+
+async def new_key(client: httpx.AsyncClient, priority: int) -> dict[str, str]:
+    r = await client.post("/api/v1/apikeys", json={"description": "p", "priority": priority})
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['api_key']}"}
+
+
+async def chat(client: httpx.AsyncClient, headers: dict[str, str], text: str) -> tuple[httpx.Response, float]:
+    body: dict[str, Any] = {"model": "fake/echo-chat", "messages": [{"role": "user", "content": text}]}
+    started = time.perf_counter()
+    r = await client.post("/v1/chat/completions", headers=headers, json=body)
+    return r, time.perf_counter() - started
+
+
+async def queued(gateway: Gateway, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while gateway.admission.queued(GATE) < n:
+        assert time.monotonic() < deadline, f"{n} requests never queued"
+        await asyncio.sleep(0.01)
+
+
+async def test_requests_beyond_the_providers_limit_wait_and_a_high_priority_one_goes_first(
+        gated: tuple[Gateway, httpx.AsyncClient]) -> None:
+    gateway, client = gated
+    low, high = await new_key(client, 1), await new_key(client, 90)
+    finished: list[str] = []
+
+    async def ask(name: str, headers: dict[str, str]) -> None:
+        r, _ = await chat(client, headers, name)
+        assert r.status_code == 200, r.text
+        finished.append(name)
+
+    tasks = [asyncio.create_task(ask("low-0", low))]
+    await asyncio.sleep(0.05)  # low-0 holds the provider's one slot
+    tasks.append(asyncio.create_task(ask("low-1", low)))
+    await queued(gateway, 1)
+    tasks.append(asyncio.create_task(ask("high", high)))
+    await queued(gateway, 2)
+    await asyncio.gather(*tasks)
+    assert finished == ["low-0", "high", "low-1"]
+
+
+async def test_low_priority_requests_past_their_budget_are_refused_at_once(
+        gated: tuple[Gateway, httpx.AsyncClient]) -> None:
+    gateway, client = gated
+    low = await new_key(client, 1)
+    for i in range(2):  # the gate learns how long a request holds the provider
+        r, _ = await chat(client, low, f"warm {i}")
+        assert r.status_code == 200
+    results = await asyncio.gather(*(chat(client, low, f"burst {i}") for i in range(8)))
+    served = [t for r, t in results if r.status_code == 200]
+    refused = [(r, t) for r, t in results if r.status_code != 200]
+    assert 2 <= len(served) <= 5 and refused, [r.status_code for r, _ in results]
+    for r, took in refused:
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+        assert int(r.headers["retry-after"]) >= 1
+        assert took < DELAY_S  # at once, not after waiting
+    assert max(served) < 2.5 * DELAY_S + 3 * DELAY_S  # those let in waited within the budget (slack)
