@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -39,6 +42,30 @@ async def gateway(tmp_path: Path, fake_upstream: FakeUpstream, prompt_classifier
     yield gw
     await auth.close()
     store.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, classifier: EmbeddingClassifier, *, ready_within_s: float = 120
+                  ) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+    """A whole in-process gateway on ``settings`` (its own key store), started, ready, and a trusted
+    client for it."""
+    store = KeyStore(settings.database_url_plain())
+    store.create_schema()
+    auth = AuthService(store, redis_url=settings.redis_url, redis_timeout_s=settings.redis_timeout_s)
+    gateway = build_in_process_gateway(settings, verifier=auth, key_admin=auth, classifier=classifier)
+    app = create_app(gateway)
+    try:
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app, client=TRUSTED), base_url="http://iir.test",
+                timeout=120) as client:
+            deadline = time.monotonic() + ready_within_s
+            while (await client.get("/ready")).status_code != 200:
+                assert time.monotonic() < deadline, "the gateway never became ready"
+                await asyncio.sleep(0.2)
+            yield gateway, client
+    finally:
+        await auth.close()
+        store.close()
 
 
 def client_for(gateway: Gateway, peer: tuple[str, int] = TRUSTED) -> httpx.AsyncClient:

@@ -13,45 +13,27 @@ import httpx
 import pytest
 import yaml
 
-from serve_app.auth.keystore import KeyStore
-from serve_app.auth.service import AuthService
-from serve_app.ingress.app import create_app
-from serve_app.ingress.gateway import Gateway, build_in_process_gateway
+from serve_app.ingress.gateway import Gateway
 from serve_app.routing.classifier import EmbeddingClassifier
 from serve_app.settings import Settings
 from tests.conftest import REDIS_URL, write_configs
-from tests.ingress.conftest import TRUSTED
+from tests.ingress.conftest import serving
 from tests.support.fake_upstream import FakeUpstream
 
 MODEL = "local/smollm2-135m"
 
 
 @contextlib.asynccontextmanager
-async def serving(tmp_path: Path, fake_upstream: FakeUpstream, prompt_classifier: EmbeddingClassifier,
-                  max_ongoing_requests: int) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
+async def serving_smollm2(tmp_path: Path, fake_upstream: FakeUpstream, classifier: EmbeddingClassifier,
+                          max_ongoing_requests: int) -> AsyncIterator[tuple[Gateway, httpx.AsyncClient]]:
     configs = write_configs(tmp_path, fake_upstream.base_url)
     models = yaml.safe_load(configs["models_config"].read_text())
     models["models"] = [{**m, "max_ongoing_requests": max_ongoing_requests} if m["id"] == MODEL else m
                         for m in models["models"] if m["id"] != "local/minilm-l6-v2"]
     configs["models_config"].write_text(yaml.safe_dump(models))
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'keys.db'}", redis_url=REDIS_URL, **configs)
-    store = KeyStore(settings.database_url_plain())
-    store.create_schema()
-    auth = AuthService(store, redis_url=settings.redis_url, redis_timeout_s=settings.redis_timeout_s)
-    gateway = build_in_process_gateway(settings, verifier=auth, key_admin=auth, classifier=prompt_classifier)
-    app = create_app(gateway)
-    try:
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app, client=TRUSTED), base_url="http://iir.test",
-                timeout=120) as client:
-            deadline = time.monotonic() + 120
-            while (await client.get("/ready")).status_code != 200:
-                assert time.monotonic() < deadline, "the local model never became ready"
-                await asyncio.sleep(0.2)
-            yield gateway, client
-    finally:
-        await auth.close()
-        store.close()
+    async with serving(settings, classifier) as served:
+        yield served
 
 
 async def new_key(client: httpx.AsyncClient, priority: int) -> dict[str, str]:
@@ -64,7 +46,7 @@ async def test_a_high_priority_key_overtakes_queued_low_priority_requests(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """No burst room (max_ongoing_requests 1): the order at the ingress's gate alone."""
     monkeypatch.setenv("IIR_TEST_UPSTREAM_KEY", str(fake_upstream.api_key))
-    async with serving(tmp_path, fake_upstream, prompt_classifier, 1) as (gateway, client):
+    async with serving_smollm2(tmp_path, fake_upstream, prompt_classifier, 1) as (gateway, client):
         low, high = await new_key(client, 0), await new_key(client, 90)
         finished: list[str] = []
 
@@ -99,7 +81,7 @@ async def test_a_high_priority_request_pauses_a_running_low_priority_generation(
     """The whole path: the gate's burst room lets the high one through, the engine's run slot pauses
     the low one at its next token, and the low one resumes and ends whole."""
     monkeypatch.setenv("IIR_TEST_UPSTREAM_KEY", str(fake_upstream.api_key))
-    async with serving(tmp_path, fake_upstream, prompt_classifier, 8) as (_, client):
+    async with serving_smollm2(tmp_path, fake_upstream, prompt_classifier, 8) as (_, client):
         low, high = await new_key(client, 1), await new_key(client, 100)
         body: dict[str, Any] = {"model": MODEL, "temperature": 0, "messages": [
             {"role": "user", "content": "Write a long story about a lighthouse keeper."}]}

@@ -13,14 +13,11 @@ import httpx
 import pytest
 import yaml
 
-from serve_app.auth.keystore import KeyStore
-from serve_app.auth.service import AuthService
-from serve_app.ingress.app import create_app
-from serve_app.ingress.gateway import Gateway, build_in_process_gateway
+from serve_app.ingress.gateway import Gateway
 from serve_app.routing.classifier import EmbeddingClassifier
 from serve_app.settings import Settings
 from tests.conftest import REDIS_URL, write_configs
-from tests.ingress.conftest import TRUSTED
+from tests.ingress.conftest import serving
 from tests.support.fake_upstream import FakeUpstream
 
 DELAY_S = 0.3
@@ -48,19 +45,8 @@ async def gated(tmp_path: Path, slow_upstream: FakeUpstream, prompt_classifier: 
     configs["models_config"].write_text(yaml.safe_dump(models))
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'keys.db'}", redis_url=REDIS_URL,
                         cache_backend="off", **configs)
-    store = KeyStore(settings.database_url_plain())
-    store.create_schema()
-    auth = AuthService(store, redis_url=settings.redis_url, redis_timeout_s=settings.redis_timeout_s)
-    gateway = build_in_process_gateway(settings, verifier=auth, key_admin=auth, classifier=prompt_classifier)
-    app = create_app(gateway)
-    try:
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app, client=TRUSTED), base_url="http://iir.test",
-                timeout=60) as client:
-            yield gateway, client
-    finally:
-        await auth.close()
-        store.close()
+    async with serving(settings, prompt_classifier) as served:
+        yield served
 
 
 async def new_key(client: httpx.AsyncClient, priority: int) -> dict[str, str]:
