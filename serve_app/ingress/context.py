@@ -62,6 +62,7 @@ class RequestContext:
     headers: dict[str, str] = field(default_factory=dict)
     error: str | None = None  # the reason label of the error that ended the request
     _release: Release | None = None  # the admission ticket, while held
+    _group_release: Release | None = None  # a group's admission ticket: held across its attempts
     _occupied: ModelHealth | None = None  # the model this request is in flight on
     _in_flight: tuple[InFlight, str] | None = None
 
@@ -70,6 +71,9 @@ class RequestContext:
 
     def hold(self, release: Release) -> None:
         self._release = release
+
+    def hold_group(self, release: Release) -> None:
+        self._group_release = release
 
     def occupy(self, health: ModelHealth) -> None:
         """This request is now in flight on the model ``health`` follows (least-busy counts it)."""
@@ -89,6 +93,9 @@ class RequestContext:
     def finish(self) -> None:
         """The response's last byte is sent, or the request failed or was abandoned."""
         self.release_model()
+        group_release, self._group_release = self._group_release, None
+        if group_release is not None:
+            group_release()
         if self._in_flight is not None:
             gauge, label = self._in_flight
             self._in_flight = None

@@ -25,6 +25,7 @@ from serve_app import metrics
 from serve_app.auth.keystore import KeyInfo
 from serve_app.cache import exact as response_cache
 from serve_app.errors import IIRError, PermissionDenied, UpstreamError
+from serve_app.fair_queue import GateLimits
 from serve_app.ingress import sse
 from serve_app.ingress.context import UNCLASSIFIED, RequestContext
 from serve_app.ingress.gateway import Gateway
@@ -77,6 +78,7 @@ class Pipeline:
             return hit
         assert ctx.key is not None
         ctx.turn = self._gateway.router.catalog.scheduling.turn(ctx.key.priority, ctx.key.id)
+        await self._admit_group(ctx, plan)
         if job.streaming:
             return await self._call_stream(ctx, job, plan)
         route, result = await self._attempts(ctx, plan, lambda route: job.call(route, ctx.turn))
@@ -153,6 +155,16 @@ class Pipeline:
         scheduling = self._gateway.router.catalog.scheduling
         ctx.hold(await self._gateway.admission.enter(route.gate, route.limits, ctx.turn,
                                                      scheduling.max_wait_s(ctx.turn)))
+
+    async def _admit_group(self, ctx: RequestContext, plan: Plan) -> None:
+        """A group with ``max_concurrency``: one ticket for the whole request, whichever members it
+        tries (given back when the response has left)."""
+        group = self._gateway.router.group(plan.target)
+        if group is None or group.max_concurrency is None:
+            return
+        max_wait_s = self._gateway.router.catalog.scheduling.max_wait_s(ctx.turn)
+        ctx.hold_group(await self._gateway.admission.enter(
+            f"group:{group.id}", GateLimits(group.max_concurrency), ctx.turn, max_wait_s))
 
     # 6. call: each attempt of the plan in turn (serve_app/routing/plan.py), until one answers; for a
     #    stream, until one gives its first chunk (never after: a cut stream ends with an error event)

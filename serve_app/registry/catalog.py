@@ -209,6 +209,9 @@ class ModelGroup(Fallbacks):
     members: list[GroupMember] = Field(min_length=1)
     strategy: GroupStrategy = "least_busy"
     description: str = ""
+    # Requests in flight to the group (any member) at once, per ingress replica; more wait in line by
+    # key priority (serve_app/ingress/admission.py). Each member's own limit still applies.
+    max_concurrency: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _named(self) -> ModelGroup:
