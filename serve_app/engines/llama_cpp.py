@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import random
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,14 +28,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from serve_app.engines.base import EngineBase, new_id, now, usage
+from serve_app.engines.llama_requests import Call, Piece, choice, piece, plan, stream_chunk
 from serve_app.engines.slots import RunSlots
 from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
 from serve_app.fair_queue import NO_TURN, Turn
 from serve_app.registry.catalog import ModelSpec, resolve_source
-from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from serve_app.schemas import ChatCompletionRequest, GenerateRequest
 
 T = TypeVar("T")
-_Piece = tuple[str, str | None]  # (text, finish_reason)
 # Ahead of every waiter, but in the lowest class: closing waits for the running call instead of preempting
 # it (a preempted call would resume on a closed model and fail).
 _CLOSING = Turn(priority=10**9, label="close")
@@ -117,29 +116,6 @@ def _tracked_llama_class() -> type[Any]:
     return TrackedLlama
 
 
-@dataclass(frozen=True)
-class _Call:
-    """One choice to generate: llama-cpp-python has no ``n``, so ``n`` choices are ``n`` calls."""
-
-    index: int
-    prompt_index: int  # usage counts each prompt once, as OpenAI does for n > 1
-    messages: list[dict[str, str]] | None
-    prompt: str | None
-    options: dict[str, Any]
-    echo: str = ""
-
-    def start(self, llama: Any, *, stream: bool) -> Any:
-        if self.messages is not None:
-            return llama.create_chat_completion(messages=self.messages, stream=stream, **self.options)
-        return llama.create_completion(prompt=self.prompt, stream=stream, **self.options)
-
-    @property
-    def preemptible(self) -> bool:
-        # A grammar's parse state lives in the sampler and would not survive a replay, so a constrained
-        # (json_object) generation runs to its end.
-        return "response_format" not in self.options
-
-
 class LlamaCppEngine(EngineBase):
     name = "llama_cpp"
 
@@ -170,7 +146,7 @@ class LlamaCppEngine(EngineBase):
         return cls(resolve_source(spec.source), model_name=spec.id, **spec.engine_options)
 
     async def generate(self, request: GenerateRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
-        calls = _plan(request)
+        calls = plan(request)
         chat = isinstance(request, ChatCompletionRequest)
         results = [await self._generate_one(call, turn) for call in calls]
         pairs = list(zip(calls, results, strict=True))
@@ -181,11 +157,11 @@ class LlamaCppEngine(EngineBase):
             "object": "chat.completion" if chat else "text_completion",
             "created": now(),
             "model": self.model_name,
-            "choices": [_choice(c, r["choices"][0], chat) for c, r in pairs],
+            "choices": [choice(c, r["choices"][0], chat) for c, r in pairs],
             "usage": usage(sum(prompt_tokens.values()), completion_tokens),
         }
 
-    async def _generate_one(self, call: _Call, turn: Turn) -> dict[str, Any]:
+    async def _generate_one(self, call: Call, turn: Turn) -> dict[str, Any]:
         tracker = _Tracker(limit=call.options["max_tokens"])
         work = functools.partial(self._with_model, tracker, functools.partial(call.start, stream=False))
         resuming = False
@@ -202,7 +178,7 @@ class LlamaCppEngine(EngineBase):
             resuming = True
 
     @contextlib.asynccontextmanager
-    async def _slot(self, call: _Call, turn: Turn, tracker: _Tracker, *,
+    async def _slot(self, call: Call, turn: Turn, tracker: _Tracker, *,
                     resuming: bool) -> AsyncIterator[None]:
         """This call's turn with the model, for one segment; the body must wait for its thread."""
         slot = await self._slots.acquire(turn, resuming=resuming, preemptible=call.preemptible)
@@ -213,12 +189,12 @@ class LlamaCppEngine(EngineBase):
             self._slots.release(slot)
 
     async def stream(self, request: GenerateRequest, turn: Turn = NO_TURN) -> AsyncIterator[dict[str, Any]]:
-        calls = _plan(request)
+        calls = plan(request)
         if request.n > 1:
             raise UnsupportedParameter("n > 1 is not supported when streaming from this model", param="n")
         chat = isinstance(request, ChatCompletionRequest)
         stream_id = new_id("chatcmpl" if chat else "cmpl")
-        frame = functools.partial(_chunk, chat=chat, id=stream_id, created=now(), model=self.model_name)
+        frame = functools.partial(stream_chunk, chat=chat, id=stream_id, created=now(), model=self.model_name)
         if chat:
             yield frame(index=0, role=True)
         prompt_tokens = completion_tokens = 0
@@ -236,7 +212,7 @@ class LlamaCppEngine(EngineBase):
         if request.include_usage:
             yield {**frame(index=0), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
-    async def _stream_one(self, call: _Call, turn: Turn, tracker: _Tracker) -> AsyncGenerator[_Piece, None]:
+    async def _stream_one(self, call: Call, turn: Turn, tracker: _Tracker) -> AsyncGenerator[Piece, None]:
         """Pieces of one choice, as one stream however often it is preempted."""
         sent = 0  # characters our consumer has
         resuming = False
@@ -255,8 +231,8 @@ class LlamaCppEngine(EngineBase):
                 return
             resuming = True
 
-    async def _stream_segment(self, call: _Call, turn: Turn, tracker: _Tracker,
-                              resuming: bool) -> AsyncGenerator[_Piece, None]:
+    async def _stream_segment(self, call: Call, turn: Turn, tracker: _Tracker,
+                              resuming: bool) -> AsyncGenerator[Piece, None]:
         """Pieces of one segment, from llama-cpp-python's blocking iterator in a worker thread."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -275,7 +251,7 @@ class LlamaCppEngine(EngineBase):
                     # resumed run emits those, so they are dropped here.
                     if tracker.cancel.is_set() or tracker.preempted:
                         break
-                    post("piece", _piece(chunk))
+                    post("piece", piece(chunk))
             finally:
                 chunks.close()
 
@@ -342,130 +318,3 @@ async def _stop(task: asyncio.Future[Any], tracker: _Tracker) -> None:
     if not task.done():
         tracker.cancel.set()
         await asyncio.wait([task])
-
-
-# --- requests -------------------------------------------------------------------------------------------
-
-# Fields whose effect llama-cpp-python cannot reproduce here; refusing beats silently ignoring them.
-# (logprobs would need ``logits_all=True``, which slows every request; logit_bias goes through a custom
-# sampler that llama-cpp-python itself marks as probably broken.)
-_REFUSED = ("logit_bias", "tools", "functions", "audio", "prediction")
-_REFUSED_UNLESS_NONE = ("logprobs", "top_logprobs")
-_HARMLESS_CHOICES = (None, "none", "auto")
-
-
-def _plan(request: GenerateRequest) -> list[_Call]:
-    _check_supported(request)
-    options = _sampling(request)
-    if isinstance(request, ChatCompletionRequest):
-        inputs: list[tuple[list[dict[str, str]] | None, str | None]] = [(_messages(request), None)]
-        if _response_format(request) == "json_object":
-            options["response_format"] = {"type": "json_object"}  # llama.cpp constrains it by grammar
-    else:
-        inputs = [(None, prompt) for prompt in request.prompts()]
-    echo = isinstance(request, CompletionRequest) and request.echo
-    return [
-        _Call(index=p * request.n + j, prompt_index=p, messages=messages, prompt=prompt,
-              options={**options, "seed": _seed(request.seed, j)}, echo=prompt if echo and prompt else "")
-        for p, (messages, prompt) in enumerate(inputs)
-        for j in range(request.n)
-    ]
-
-
-def _check_supported(request: GenerateRequest) -> None:
-    extra = request.model_extra or {}
-    for param in _REFUSED:
-        if extra.get(param):
-            raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
-    for param in _REFUSED_UNLESS_NONE:
-        value = extra.get(param)
-        if value is not None and value is not False:  # logprobs=0 still asks for logprobs
-            raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
-    for param in ("tool_choice", "function_call"):
-        if extra.get(param) not in _HARMLESS_CHOICES:
-            raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
-    if extra.get("modalities") not in (None, ["text"]):
-        raise UnsupportedParameter("this model only produces text", param="modalities")
-    if isinstance(request, ChatCompletionRequest) and _response_format(request) not in (None, "text",
-                                                                                       "json_object"):
-        raise UnsupportedParameter(
-            "response_format may be 'text' or 'json_object' here", param="response_format")
-    if isinstance(request, CompletionRequest):
-        if request.suffix:
-            raise UnsupportedParameter("suffix needs an infill model", param="suffix")
-        if extra.get("best_of") not in (None, 1, request.n):
-            raise UnsupportedParameter("best_of is not supported by this model", param="best_of")
-
-
-def _response_format(request: ChatCompletionRequest) -> str | None:
-    fmt = (request.model_extra or {}).get("response_format")
-    if fmt is None:
-        return None
-    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
-        raise InvalidRequest("response_format must be an object with a 'type'", param="response_format")
-    return fmt["type"]
-
-
-def _sampling(request: GenerateRequest) -> dict[str, Any]:
-    # OpenAI's defaults, not llama-cpp-python's (temperature 0.2/0.8, top_k 40, min_p 0.05), so a request
-    # means the same here as upstream.
-    return {
-        "temperature": 1.0 if request.temperature is None else request.temperature,
-        "top_p": 1.0 if request.top_p is None else request.top_p,
-        "top_k": 0,
-        "min_p": 0.0,
-        "repeat_penalty": 1.0,
-        "presence_penalty": request.presence_penalty or 0.0,
-        "frequency_penalty": request.frequency_penalty or 0.0,
-        "stop": request.stop_list(),
-        "max_tokens": request.token_limit(),
-    }
-
-
-def _seed(seed: int | None, choice: int) -> int:
-    # A fixed seed makes a request reproducible; offsetting it per choice keeps n > 1 choices distinct.
-    return random.getrandbits(32) if seed is None else (seed + choice) & 0xFFFFFFFF
-
-
-def _messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
-    out = []
-    for m in request.messages:
-        extra = m.model_extra or {}
-        if m.role in ("tool", "function") or extra.get("tool_calls") or extra.get("function_call"):
-            raise UnsupportedParameter("this model does not support tool calls", param="messages")
-        if isinstance(m.content, list) and any(part.get("type") != "text" for part in m.content):
-            raise UnsupportedParameter("this model accepts text content only", param="messages")
-        # The model's chat template knows system, user and assistant; "developer" is OpenAI's new "system".
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
-    return out
-
-
-# --- responses ------------------------------------------------------------------------------------------
-
-def _choice(call: _Call, llama_choice: dict[str, Any], chat: bool) -> dict[str, Any]:
-    finish_reason = llama_choice["finish_reason"]
-    if chat:
-        content = llama_choice["message"]["content"] or ""
-        return {"index": call.index, "message": {"role": "assistant", "content": content},
-                "logprobs": None, "finish_reason": finish_reason}
-    return {"index": call.index, "text": call.echo + llama_choice["text"], "logprobs": None,
-            "finish_reason": finish_reason}
-
-
-def _piece(chunk: dict[str, Any]) -> _Piece:
-    """(text, finish_reason) of a llama-cpp-python stream chunk, chat or text."""
-    choice = chunk["choices"][0]
-    text = choice["text"] if "text" in choice else choice.get("delta", {}).get("content")
-    return text or "", choice.get("finish_reason")
-
-
-def _chunk(*, chat: bool, id: str, created: int, model: str, index: int, text: str = "",
-           finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": index}
-    if chat:
-        choice["delta"] = {"role": "assistant"} if role else {"content": text} if text else {}
-    else:
-        choice["text"] = text
-    choice.update(logprobs=None, finish_reason=finish_reason)
-    return {"id": id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": model, "choices": [choice]}
