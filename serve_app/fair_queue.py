@@ -32,6 +32,7 @@ class Turn:
     tenant: str = ""  # the API key's id: fair share is per key
     rank: int = 0  # the priority class's rank, 0 the lowest; a higher rank may preempt a lower one
     label: str = "default"  # the priority class's name, for metrics
+    max_wait_s: float | None = None  # the class's budget for waiting in one queue; None: no limit
 
 
 NO_TURN = Turn()

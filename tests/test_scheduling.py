@@ -57,7 +57,7 @@ def test_classes_rank_priorities_and_build_turns() -> None:
     assert [scheduling.rank(p) for p in (0, 29, 30, 69, 70, 100)] == [0, 0, 1, 1, 2, 2]
     turn = scheduling.turn(75, "key-id")
     assert (turn.rank, turn.label, turn.priority, turn.tenant) == (2, "high", 75, "key-id")
-    assert scheduling.max_wait_s(scheduling.turn(0, "k")) == 10.0 and scheduling.max_wait_s(turn) is None
+    assert scheduling.turn(0, "k").max_wait_s == 10.0 and turn.max_wait_s is None
 
 
 @pytest.mark.parametrize(("classes", "named"), [

@@ -6,21 +6,34 @@ is next no matter how many low-priority ones reached the replica first.
 
 Ordering alone still leaves a high-priority request waiting for the generation in progress (half a
 generation on average: p50 ≈ 1.5× its unloaded latency). So a waiter whose class outranks a running
-request's asks it to yield (``Slot.yield_now``): the engine stops that generation at the next token,
-gives the slot back, and queues it again ahead of its peers (``acquire(..., resuming=True)``); it goes
-on from the tokens it had (vLLM's "recompute" preemption, on CPU: re-reading prompt and tokens so far
-is one batched evaluation, far cheaper than generating them).
+request's asks it to yield (``Slot.yield_now``): the engine stops that generation at its next token or
+prompt chunk, gives the slot back, and queues it again ahead of its peers (``acquire(...,
+resuming=True)``); it goes on from the tokens it had (vLLM's "recompute" preemption).
+
+**Linger.** Resuming is not free: on this CPU re-reading a prompt costs ~6 ms a token. A client that
+sends its next high-priority request as soon as the last one answers leaves the slot free for the few
+milliseconds its request takes to come back; a lower class started in that gap would be preempted again
+at once, each time paying a resume. So for ``linger_s`` after a slot held by a higher class is given
+back, only that class or higher may take it.
+
+**Budget.** A waiter with ``Turn.max_wait_s`` (its class's budget) waits here at most that long in all
+(``waited_s`` carries what earlier waits of the same call used): a lower class that higher ones keep
+preempting is refused (503 ``overloaded``) rather than held indefinitely.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from dataclasses import dataclass, field
 
 from serve_app import metrics
+from serve_app.errors import ServiceUnavailable
 from serve_app.fair_queue import FairQueue, Turn
+
+LINGER_S = 0.05  # longer than a client's turnaround through the gateway here (5–30 ms)
 
 
 @dataclass(eq=False)
@@ -32,13 +45,23 @@ class Slot:
     yield_now: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass(eq=False)
+class _Waiter:
+    grant: asyncio.Future[Slot]
+    preemptible: bool
+
+
 class RunSlots:
-    def __init__(self, slots: int = 1, *, preempt: bool = True, model: str = "") -> None:
+    def __init__(self, slots: int = 1, *, preempt: bool = True, model: str = "",
+                 linger_s: float = LINGER_S) -> None:
         self._free = slots
         self._preempt = preempt
         self._model = model
+        self._linger_s = linger_s if preempt else 0.0
+        self._reserved_for = -1  # while lingering: the lowest class rank that may start
+        self._reserved_until = 0.0
         self._running: list[Slot] = []
-        self._waiting: FairQueue[tuple[asyncio.Future[Slot], bool]] = FairQueue()  # (grant, preemptible)
+        self._waiting: FairQueue[_Waiter] = FairQueue()
         self._depth: dict[str, int] = {}  # priority class → waiting here
 
     @property
@@ -49,22 +72,41 @@ class RunSlots:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    async def acquire(self, turn: Turn, *, resuming: bool = False, preemptible: bool = True) -> Slot:
+    async def acquire(self, turn: Turn, *, resuming: bool = False, preemptible: bool = True,
+                      waited_s: float = 0.0) -> Slot:
         """Wait for a slot (in order); ``release`` it exactly once. ``resuming``: a preempted request
-        coming back, ahead of its peers."""
-        if self._free > 0 and not len(self._waiting):
+        coming back, ahead of its peers; ``waited_s``: what this call already waited here."""
+        if self._free > 0 and not len(self._waiting) and self._may_start(turn):
             return self._start(turn, preemptible)
-        future: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
-        entry = self._waiting.push(turn, (future, preemptible), first=resuming)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), preemptible)
+        entry = self._waiting.push(turn, waiter, first=resuming)
         self._count(turn, +1)
-        self._ask_to_yield(turn)
+        self._wake()  # a slot may be free for this class (lingering for it)
+        if not waiter.grant.done():
+            self._ask_to_yield(turn)
         started = time.perf_counter()
+        budget_s = turn.max_wait_s - waited_s if turn.max_wait_s is not None else None
         try:
-            slot = await future
+            async with asyncio.timeout(budget_s):
+                slot = await asyncio.shield(waiter.grant)
+        except TimeoutError:
+            if waiter.grant.done():  # granted at the last moment: take it
+                slot = waiter.grant.result()
+            else:
+                self._waiting.remove(entry)
+                waiter.grant.cancel()
+                metrics.SHED.inc(model=self._model, priority_class=turn.label, reason="engine_deadline")
+                raise ServiceUnavailable(
+                    f"model '{self._model}' is overloaded: higher-priority requests kept it busy for "
+                    f"this {turn.label}-priority request's {turn.max_wait_s:g} s; retry later",
+                    param="model", code="overloaded",
+                    headers={"Retry-After": str(math.ceil(turn.max_wait_s or 1))}) from None
         except asyncio.CancelledError:
             self._waiting.remove(entry)
-            if future.done() and not future.cancelled():
-                self.release(future.result())  # granted just as the caller left: pass it on
+            if waiter.grant.done() and not waiter.grant.cancelled():
+                self.release(waiter.grant.result())  # granted just as the caller left: pass it on
+            else:
+                waiter.grant.cancel()
             raise
         finally:
             self._count(turn, -1)
@@ -77,10 +119,25 @@ class RunSlots:
             return
         self._running.remove(slot)
         self._free += 1
-        while self._free > 0 and (entry := self._waiting.pop()) is not None:
-            future, preemptible = entry.item
-            if not future.done():
-                future.set_result(self._start(entry.turn, preemptible))
+        best = self._waiting.peek()
+        if self._linger_s and best is not None and best.turn.rank < slot.turn.rank:
+            loop = asyncio.get_running_loop()
+            self._reserved_for, self._reserved_until = slot.turn.rank, loop.time() + self._linger_s
+            loop.call_later(self._linger_s, self._wake)
+        self._wake()
+
+    def _may_start(self, turn: Turn) -> bool:
+        if turn.rank >= self._reserved_for:
+            return True
+        return asyncio.get_running_loop().time() >= self._reserved_until
+
+    def _wake(self) -> None:
+        while self._free > 0 and (entry := self._waiting.peek()) is not None:
+            if not self._may_start(entry.turn):
+                return  # lingering for a higher class; call_later wakes us after
+            self._waiting.pop()
+            if not entry.item.grant.done():
+                entry.item.grant.set_result(self._start(entry.turn, entry.item.preemptible))
 
     def _start(self, turn: Turn, preemptible: bool) -> Slot:
         self._free -= 1

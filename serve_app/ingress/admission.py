@@ -112,13 +112,13 @@ class Admission:
         found = self._gates.get(gate)
         return len(found.waiting) if found else 0
 
-    async def enter(self, gate_name: str, limits: GateLimits, turn: Turn,
-                    max_wait_s: float | None = None) -> Release:
-        """Wait for room (or be refused); the returned function gives it back (call it once)."""
+    async def enter(self, gate_name: str, limits: GateLimits, turn: Turn) -> Release:
+        """Wait for room (or be refused past ``turn.max_wait_s``, its class's budget); the returned
+        function gives it back (call it once)."""
         gate = self._gates.get(gate_name) or self._gates.setdefault(gate_name, _Gate(gate_name))
         if not len(gate.waiting) and gate.can_enter(turn, limits):
             return self._admit(gate, turn, limits, waited_s=0.0)
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), max_wait_s)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), turn.max_wait_s)
         entry = gate.waiting.push(turn, waiter)
         self._wake(gate, limits)  # it may outrank everything in flight (burst)
         if not waiter.future.done():

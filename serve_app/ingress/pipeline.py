@@ -152,9 +152,7 @@ class Pipeline:
     async def _admit(self, ctx: RequestContext, route: Route) -> None:
         if route.gate is None or route.limits is None:
             return
-        scheduling = self._gateway.router.catalog.scheduling
-        ctx.hold(await self._gateway.admission.enter(route.gate, route.limits, ctx.turn,
-                                                     scheduling.max_wait_s(ctx.turn)))
+        ctx.hold(await self._gateway.admission.enter(route.gate, route.limits, ctx.turn))
 
     async def _admit_group(self, ctx: RequestContext, plan: Plan) -> None:
         """A group with ``max_concurrency``: one ticket for the whole request, whichever members it
@@ -162,9 +160,8 @@ class Pipeline:
         group = self._gateway.router.group(plan.target)
         if group is None or group.max_concurrency is None:
             return
-        max_wait_s = self._gateway.router.catalog.scheduling.max_wait_s(ctx.turn)
         ctx.hold_group(await self._gateway.admission.enter(
-            f"group:{group.id}", GateLimits(group.max_concurrency), ctx.turn, max_wait_s))
+            f"group:{group.id}", GateLimits(group.max_concurrency), ctx.turn))
 
     # 6. call: each attempt of the plan in turn (serve_app/routing/plan.py), until one answers; for a
     #    stream, until one gives its first chunk (never after: a cut stream ends with an error event)

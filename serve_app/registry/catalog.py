@@ -298,10 +298,8 @@ class Scheduling(_Strict):
 
     def turn(self, priority: int, tenant: str) -> Turn:
         rank = self.rank(priority)
-        return Turn(priority=priority, tenant=tenant, rank=rank, label=self.classes[rank].name)
-
-    def max_wait_s(self, turn: Turn) -> float | None:
-        return self.classes[turn.rank].max_wait_s if turn.rank < len(self.classes) else None
+        cls = self.classes[rank]
+        return Turn(priority=priority, tenant=tenant, rank=rank, label=cls.name, max_wait_s=cls.max_wait_s)
 
 
 class Catalog(_Strict):

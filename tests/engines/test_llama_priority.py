@@ -224,3 +224,26 @@ async def test_cancelled_running_call_stops_and_next_waiter_runs(llama: LlamaCpp
     assert time.monotonic() - cancelled < 5
     assert text_of(result["choices"][0])
     assert running.cancelled()
+
+
+async def test_a_long_prompt_is_preempted_while_it_is_being_read(llama: LlamaCppEngine) -> None:
+    """Reading a prompt costs ~6 ms a token here: a high-priority request must not wait for a
+    low-priority prompt of hundreds of tokens to be read, only for one step of it."""
+    story = "The history of the lighthouse, told year by year. " * 40
+    long_prompt = CHAT.completion(prompt=story, max_tokens=1)
+    started = time.monotonic()
+    await llama.generate(long_prompt, LOW)
+    reading_s = time.monotonic() - started  # the prompt alone
+    started = time.monotonic()
+    await llama.generate(SHORT, HIGH)
+    high_alone_s = time.monotonic() - started
+
+    low = asyncio.ensure_future(llama.generate(long_prompt, LOW))
+    await asyncio.sleep(reading_s / 4)  # well into reading it
+    started = time.monotonic()
+    await asyncio.wait_for(llama.generate(SHORT, HIGH), 120)
+    high_s = time.monotonic() - started
+    result = await asyncio.wait_for(low, 300)
+    assert result["usage"]["completion_tokens"] == 1  # the low one read its prompt again and finished
+    # Waiting for the rest of the prompt would take ~3/4 of reading_s; one step is a few hundredths.
+    assert high_s < high_alone_s + reading_s / 3, (high_s, high_alone_s, reading_s)

@@ -4,6 +4,7 @@ abandoned waiters."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
@@ -19,6 +20,10 @@ LOW, HIGH = Turn(1, "low-key", rank=0, label="low"), Turn(90, "high-key", rank=2
 
 def turn(priority: int, tenant: str = "k", rank: int = 0) -> Turn:
     return Turn(priority, tenant, rank=rank)
+
+
+def budget(t: Turn, max_wait_s: float) -> Turn:
+    return dataclasses.replace(t, max_wait_s=max_wait_s)
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
@@ -116,12 +121,12 @@ async def test_past_its_class_budget_a_request_is_refused_at_once_with_retry_aft
     admission = Admission(timeout_s=30)
     await trained(admission, ONE, 0.05)
     await admission.enter("m", ONE, LOW)  # in flight: the next one waits ~0.05 s, the one after ~0.1 s
-    budget = 0.12
-    queued = [asyncio.create_task(admission.enter("m", ONE, LOW, budget)) for _ in range(2)]
+    low = budget(LOW, 0.12)
+    queued = [asyncio.create_task(admission.enter("m", ONE, low)) for _ in range(2)]
     await until(lambda: admission.queued("m") == 2, "two lows did not queue")
     started = time.perf_counter()
     with pytest.raises(ServiceUnavailable) as refused:
-        await admission.enter("m", ONE, LOW, budget)  # ~0.15 s: over budget
+        await admission.enter("m", ONE, low)  # ~0.15 s: over budget
     assert time.perf_counter() - started < 0.05  # refused at once, not after waiting
     error = refused.value
     assert error.status_code == 503 and error.code == "overloaded"
@@ -134,7 +139,7 @@ async def test_past_its_class_budget_a_request_is_refused_at_once_with_retry_aft
 async def test_nothing_is_shed_on_arrival_before_the_gate_has_measured_a_hold_time() -> None:
     admission = Admission(timeout_s=30)
     await admission.enter("m", ONE, LOW)
-    waiting = [asyncio.create_task(admission.enter("m", ONE, LOW, 0.3)) for _ in range(5)]
+    waiting = [asyncio.create_task(admission.enter("m", ONE, budget(LOW, 0.3))) for _ in range(5)]
     await until(lambda: admission.queued("m") == 5, "five lows did not queue")
     for task in waiting:
         task.cancel()
@@ -146,7 +151,7 @@ async def test_a_request_still_waiting_when_its_class_budget_runs_out_is_refused
     await admission.enter("m", ONE, LOW)
     started = time.perf_counter()
     with pytest.raises(ServiceUnavailable) as refused:
-        await admission.enter("m", ONE, LOW, 0.2)
+        await admission.enter("m", ONE, budget(LOW, 0.2))
     assert 0.19 <= time.perf_counter() - started < 2
     assert refused.value.code == "overloaded" and "Retry-After" in refused.value.headers
     assert admission.queued("m") == 0
@@ -163,7 +168,7 @@ async def test_a_class_that_higher_classes_keep_busy_is_refused_at_once() -> Non
     await admission.enter("m", limits, HIGH)
     started = time.perf_counter()
     with pytest.raises(ServiceUnavailable) as refused:
-        await admission.enter("m", limits, LOW, 1.0)  # one request ahead, but the highs fill the gate
+        await admission.enter("m", limits, budget(LOW, 1.0))  # one request ahead, but the highs fill the gate
     assert time.perf_counter() - started < 0.05
     assert refused.value.code == "overloaded"
 
@@ -172,8 +177,8 @@ async def test_a_higher_priority_arrival_pushes_out_the_lower_ones_that_no_longe
     admission = Admission(timeout_s=30)
     await trained(admission, ONE, 0.05)
     await admission.enter("m", ONE, LOW)
-    budget = 0.12
-    first, last = (asyncio.create_task(admission.enter("m", ONE, LOW, budget)) for _ in range(2))
+    low = budget(LOW, 0.12)
+    first, last = (asyncio.create_task(admission.enter("m", ONE, low)) for _ in range(2))
     await until(lambda: admission.queued("m") == 2, "two lows did not queue")
     high = asyncio.create_task(admission.enter("m", ONE, HIGH))  # no budget: never shed
     with pytest.raises(ServiceUnavailable) as pushed:
