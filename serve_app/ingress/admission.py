@@ -13,8 +13,9 @@ Three rules (docs/ARCHITECTURE.md, "Priority under overload"):
    to ``capacity + burst``: the replicas' ``max_ongoing_requests``): the engine's own queue puts it first
    and pauses the lower one (serve_app/engines/slots.py), so it never waits for a low-priority
    generation to end.
-3. **Shedding.** A request whose estimated wait (requests ahead of it × the gate's average hold time ÷
-   capacity) passes its class's ``max_wait_s`` gets 503 ``overloaded`` with ``Retry-After`` at once.
+3. **Shedding.** A request whose estimated wait (requests ahead of it × the time each holds the gate ÷
+   capacity; ``_Gate.estimate_s``) passes its class's ``max_wait_s`` gets 503 ``overloaded`` with
+   ``Retry-After`` at once.
    When a higher-priority request joins, lower ones behind it whose estimate now passes their budget
    are refused the same way ("pushed out"), and one still waiting when its budget runs out is refused
    then ("deadline"). The estimate counts the share of the gate that higher classes took lately: a
@@ -62,7 +63,7 @@ class _Gate:
         self.ranks: Counter[int] = Counter()  # class rank → requests in flight
         self.priorities: Counter[int] = Counter()  # key priority → requests in flight
         self.waiting: FairQueue[_Waiter] = FairQueue()
-        self.hold_s: float | None = None  # moving average of admission → release
+        self.hold_s: dict[int, float] = {}  # class rank → moving average of admission → release
         self.busy: dict[int, tuple[float, float]] = {}  # class rank → (decayed held seconds, as of)
         self.created = time.monotonic()
         self.depth: Counter[str] = Counter()  # class label → waiting
@@ -77,7 +78,7 @@ class _Gate:
         """How long ``entry`` will wait: the requests ahead of it, served ``capacity`` at a time, on
         the share of the gate that higher classes have recently left over (a stream of high-priority
         requests that never queue here still takes the slots)."""
-        if self.hold_s is None:
+        if not self.hold_s:
             return 0.0  # nothing measured yet: never shed on a guess
         priority = entry.turn.priority
         # With burst room the engine preempts lower classes, so only requests at or above count.
@@ -85,8 +86,17 @@ class _Gate:
                      else self.in_flight)
         queued = sum(1 for w in self.waiting if w.order < entry.order)
         ahead = max(0, in_flight + queued - limits.capacity + 1)
+        # Time per request ahead: what this class's requests have held the gate lately (pauses for
+        # higher classes included), or, when higher classes took more of it since, the quickest
+        # class's hold (a request's own work, unpaused) stretched by the share they left.
         left = max(_MIN_SHARE, 1.0 - self.share_above(entry.turn.rank, limits))
-        return ahead * self.hold_s / (limits.capacity * left)
+        per_request_s = max(self.hold_s.get(entry.turn.rank, 0.0), min(self.hold_s.values()) / left)
+        return ahead * per_request_s / limits.capacity
+
+    def measured(self, rank: int, held_s: float) -> None:
+        old = self.hold_s.get(rank)
+        self.hold_s[rank] = held_s if old is None else old + _EWMA * (held_s - old)
+        self.held(rank, held_s)
 
     def held(self, rank: int, seconds: float) -> None:
         now = time.monotonic()
@@ -185,8 +195,7 @@ class Admission:
                 return
             released = True
             held = time.perf_counter() - since
-            gate.hold_s = held if gate.hold_s is None else gate.hold_s + _EWMA * (held - gate.hold_s)
-            gate.held(turn.rank, held)
+            gate.measured(turn.rank, held)
             gate.in_flight -= 1
             gate.ranks[turn.rank] -= 1
             gate.priorities[turn.priority] -= 1
