@@ -93,12 +93,12 @@ class _Gate:
         per_request_s = max(self.hold_s.get(entry.turn.rank, 0.0), min(self.hold_s.values()) / left)
         return ahead * per_request_s / limits.capacity
 
-    def measured(self, rank: int, held_s: float) -> None:
+    def record_hold(self, rank: int, held_s: float) -> None:
         old = self.hold_s.get(rank)
         self.hold_s[rank] = held_s if old is None else old + _EWMA * (held_s - old)
-        self.held(rank, held_s)
+        self._add_busy(rank, held_s)
 
-    def held(self, rank: int, seconds: float) -> None:
+    def _add_busy(self, rank: int, seconds: float) -> None:
         now = time.monotonic()
         total, since = self.busy.get(rank, (0.0, now))
         self.busy[rank] = (total * math.exp((since - now) / _BUSY_WINDOW_S) + seconds, now)
@@ -195,7 +195,7 @@ class Admission:
                 return
             released = True
             held = time.perf_counter() - since
-            gate.measured(turn.rank, held)
+            gate.record_hold(turn.rank, held)
             gate.in_flight -= 1
             gate.ranks[turn.rank] -= 1
             gate.priorities[turn.priority] -= 1
