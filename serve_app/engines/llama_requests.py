@@ -5,6 +5,8 @@ What llama.cpp cannot honour is refused with a 400 naming the parameter, never s
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +36,8 @@ class Call:
     @property
     def preemptible(self) -> bool:
         # A grammar's parse state lives in the sampler and would not survive a replay, so a constrained
-        # (json_object) generation runs to its end.
-        return "response_format" not in self.options
+        # (json_object, json_schema) generation runs to its end.
+        return "grammar" not in self.options
 
 
 # --- requests -------------------------------------------------------------------------------------------
@@ -53,8 +55,7 @@ def plan(request: GenerateRequest) -> list[Call]:
     options = _sampling(request)
     if isinstance(request, ChatCompletionRequest):
         inputs: list[tuple[list[dict[str, str]] | None, str | None]] = [(_messages(request), None)]
-        if _response_format(request) == "json_object":
-            options["response_format"] = {"type": "json_object"}  # llama.cpp constrains it by grammar
+        options.update(_constraint(request))
     else:
         inputs = [(None, prompt) for prompt in request.prompts()]
     echo = isinstance(request, CompletionRequest) and request.echo
@@ -80,10 +81,6 @@ def _check_supported(request: GenerateRequest) -> None:
             raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
     if extra.get("modalities") not in (None, ["text"]):
         raise UnsupportedParameter("this model only produces text", param="modalities")
-    if isinstance(request, ChatCompletionRequest) and _response_format(request) not in (None, "text",
-                                                                                       "json_object"):
-        raise UnsupportedParameter(
-            "response_format may be 'text' or 'json_object' here", param="response_format")
     if isinstance(request, CompletionRequest):
         if request.suffix:
             raise UnsupportedParameter("suffix needs an infill model", param="suffix")
@@ -91,13 +88,105 @@ def _check_supported(request: GenerateRequest) -> None:
             raise UnsupportedParameter("best_of is not supported by this model", param="best_of")
 
 
-def _response_format(request: ChatCompletionRequest) -> str | None:
+def _constraint(request: ChatCompletionRequest) -> dict[str, Any]:
+    """The llama-cpp-python options that hold the output to ``response_format``, enforced while
+    sampling (a grammar), so every answer parses, streamed too; only ``max_tokens`` can cut it short
+    (``finish_reason: "length"``, as OpenAI)."""
     fmt = (request.model_extra or {}).get("response_format")
     if fmt is None:
-        return None
+        return {}
     if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
         raise InvalidRequest("response_format must be an object with a 'type'", param="response_format")
-    return fmt["type"]
+    kind = fmt["type"]
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"grammar": _grammar(_ANY_OBJECT)}
+    if kind != "json_schema":
+        raise UnsupportedParameter("response_format.type must be 'text', 'json_object' or 'json_schema'",
+                                   param="response_format.type")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise InvalidRequest("response_format.json_schema must be an object with a 'name'",
+                             param="response_format.json_schema")
+    schema = spec.get("schema")
+    if schema is None:
+        return {"grammar": _grammar(_ANY_OBJECT)}  # a name and no schema: any JSON object
+    if not isinstance(schema, dict):
+        raise InvalidRequest("response_format.json_schema.schema must be a JSON Schema object",
+                             param="response_format.json_schema.schema")
+    return {"grammar": _grammar(json.dumps(_holdable(schema), sort_keys=True))}
+
+
+# JSON Schema keywords llama-cpp-python's grammar converter does not enforce: output "following" such a
+# schema could still fail it, so a schema using them is refused (a 400 naming them), as OpenAI's strict
+# mode refuses what it cannot enforce. Integer ranges are the exception: small ones become an enum.
+_NOT_ENFORCED = frozenset({
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems", "not",
+    "if", "then", "else", "dependentRequired", "dependentSchemas", "minProperties", "maxProperties",
+    "patternProperties", "propertyNames", "contains", "minContains", "maxContains",
+    "unevaluatedProperties", "unevaluatedItems"})
+_ANY_OBJECT = json.dumps({"type": "object"})
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")  # name → schema
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMAS = ("items", "additionalProperties")
+_LARGEST_INTEGER_ENUM = 1000
+
+
+def _holdable(schema: Any) -> Any:
+    """``schema`` as the grammar can hold it (small integer ranges as enums), or a 400 naming what it
+    cannot."""
+    refused: set[str] = set()
+    rewritten = _rewrite(schema, refused)
+    if refused:
+        raise InvalidRequest(
+            f"response_format.json_schema.schema: this model's grammar cannot enforce {sorted(refused)}; "
+            f"remove them (integer ranges up to {_LARGEST_INTEGER_ENUM} values are fine)",
+            param="response_format.json_schema.schema", code="unsupported_schema_keyword")
+    return rewritten
+
+
+def _rewrite(node: Any, refused: set[str]) -> Any:
+    if not isinstance(node, dict):
+        return node
+    out = dict(node)
+    for key in _SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            out[key] = {name: _rewrite(sub, refused) for name, sub in node[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            out[key] = [_rewrite(sub, refused) for sub in node[key]]
+    for key in _SCHEMAS:
+        if isinstance(node.get(key), dict):
+            out[key] = _rewrite(node[key], refused)
+    if node.get("type") == "integer" and node.keys() & {"minimum", "maximum"}:
+        low, high = node.get("minimum"), node.get("maximum")
+        if (isinstance(low, int) and isinstance(high, int) and 0 <= high - low < _LARGEST_INTEGER_ENUM
+                and not node.keys() & {"exclusiveMinimum", "exclusiveMaximum", "multipleOf"}):
+            return {k: v for k, v in out.items() if k not in ("type", "minimum", "maximum")} | {
+                "enum": list(range(low, high + 1))}
+    if "pattern" in node and node.keys() & {"minLength", "maxLength"}:
+        refused.add("minLength/maxLength with pattern")  # the converter keeps the pattern only
+    refused.update(node.keys() & _NOT_ENFORCED)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _grammar(schema: str) -> Any:
+    """A schema's GBNF grammar (built once: a few ms). llama-cpp-python, handed the schema itself, falls
+    back to "any JSON" when it cannot convert it; a caller who asked for a schema gets a 400 instead."""
+    from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
+
+    try:
+        gbnf = json_schema_to_gbnf(schema)
+    except Exception as exc:
+        raise InvalidRequest(f"response_format.json_schema.schema: llama.cpp cannot hold output to this "
+                             f"schema ({type(exc).__name__}: {exc})",
+                             param="response_format.json_schema.schema", code="invalid_json_schema") from exc
+    # llama-cpp-python 0.3's string characters admit raw control characters (a newline inside a string
+    # is not JSON); llama.cpp's own converter excludes them, as JSON does.
+    gbnf = gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+    return LlamaGrammar.from_string(gbnf, verbose=False)
 
 
 def _sampling(request: GenerateRequest) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 from openai import OpenAI
+from pydantic import BaseModel
 
 from tests.e2e.conftest import Graph
 from tests.support.fake_upstream import FakeUpstream
@@ -90,3 +91,27 @@ def test_a_group_of_a_provider_and_a_local_replica_fails_over(client: OpenAI,
     assert raw.headers["x-iir-model"] == "local/smollm2-135m" and raw.headers["x-iir-attempts"] == "2"
     assert "x-iir-fallback" not in raw.headers and raw.parse().model == "local/smollm2-135m"
     assert "mixed" in [m.id for m in client.models.list()]
+
+
+class City(BaseModel):
+    """What ``client.beta.chat.completions.parse`` / ``response_format=City`` sends as a strict schema."""
+
+    name: str
+    population: int
+    coastal: bool
+
+
+@pytest.mark.parametrize("stream", [pytest.param(False, id="whole"), pytest.param(True, id="streamed")])
+def test_structured_output_from_the_local_model_parses_with_the_sdk(client: OpenAI, stream: bool) -> None:
+    """``response_format: json_schema`` on the local model is held by a grammar: the SDK's own parser
+    (pydantic, strict schema) accepts the answer, whole or streamed."""
+    messages = [{"role": "user", "content": "Tell me about Lisbon as a record."}]
+    if not stream:
+        parsed = client.beta.chat.completions.parse(model="local/smollm2-135m", max_tokens=80, temperature=0,
+                                                    messages=messages, response_format=City)
+        city = parsed.choices[0].message.parsed
+    else:
+        with client.beta.chat.completions.stream(model="local/smollm2-135m", max_tokens=80, temperature=0,
+                                                 messages=messages, response_format=City) as events:
+            city = events.get_final_completion().choices[0].message.parsed
+    assert isinstance(city, City)  # parsed and validated by the SDK itself (the content is the model's)

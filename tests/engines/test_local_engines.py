@@ -43,8 +43,7 @@ async def test_llama_contract(llama: LlamaCppEngine, check: contract.Check) -> N
 @pytest.mark.parametrize("overrides, param", [
     pytest.param({"top_logprobs": 2}, "top_logprobs", id="top_logprobs"),
     pytest.param({"tool_choice": "required"}, "tool_choice", id="tool_choice"),
-    pytest.param({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-                 "response_format", id="json_schema"),
+    pytest.param({"response_format": {"type": "xml"}}, "response_format.type", id="response-format-type"),
     pytest.param({"modalities": ["text", "audio"]}, "modalities", id="audio"),
     pytest.param({"functions": [{"name": "f", "parameters": {}}]}, "functions", id="functions"),
     pytest.param({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages",
