@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from serve_app.engines.base import EngineBase, new_id, now, usage
 from serve_app.engines.llama_requests import Call, Piece, choice, piece, plan, stream_chunk
+from serve_app.engines.llama_tools import tool_calls
 from serve_app.engines.slots import RunSlots
 from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
 from serve_app.fair_queue import NO_TURN, Turn
@@ -234,8 +235,12 @@ class LlamaCppEngine(EngineBase):
             # aclosing: when our consumer leaves, the inner generator must stop the model now, not whenever
             # it is garbage-collected.
             async with contextlib.aclosing(self._stream_one(call, turn, tracker)) as pieces:
-                async for text, finish_reason in pieces:
-                    yield frame(index=call.index, text=text, finish_reason=finish_reason)
+                if call.tools:
+                    async for chunk in _calls_or_text(pieces, functools.partial(frame, index=call.index)):
+                        yield chunk
+                else:
+                    async for text, finish_reason in pieces:
+                        yield frame(index=call.index, text=text, finish_reason=finish_reason)
             prompt_tokens += tracker.prompt_tokens
             completion_tokens += tracker.completion_tokens
         if request.include_usage:
@@ -340,6 +345,37 @@ class LlamaCppEngine(EngineBase):
             if self._llama is not None:
                 self._llama.close()
                 self._llama = None
+
+
+async def _calls_or_text(pieces: AsyncIterator[Piece], frame: Callable[..., dict[str, Any]]
+                         ) -> AsyncIterator[dict[str, Any]]:
+    """A stream that may be a tool call: text streams as it comes once its first character says it is
+    not a call (``{``); a call is held until whole and sent as one ``tool_calls`` delta, as the SDKs
+    accept, then ``finish_reason: "tool_calls"``."""
+    held: list[str] = []
+    finish: str | None = None
+    text_started = False
+    async for text, finish_reason in pieces:
+        if text_started:
+            yield frame(text=text, finish_reason=finish_reason)
+            continue
+        held.append(text)
+        finish = finish_reason or finish
+        start = "".join(held).lstrip()
+        if start and not start.startswith("{"):
+            text_started = True
+            yield frame(text="".join(held), finish_reason=finish_reason)
+    if text_started:
+        return
+    whole = "".join(held)
+    calls = tool_calls(whole)
+    if calls is None:  # cut short by max_tokens: what there is, as text
+        yield frame(text=whole, finish_reason=finish)
+        return
+    first = frame()
+    first["choices"][0]["delta"] = {"tool_calls": [{"index": 0, **call} for call in calls]}
+    yield first
+    yield frame(finish_reason="tool_calls")
 
 
 async def _stop(task: asyncio.Future[Any], tracker: _Tracker) -> None:

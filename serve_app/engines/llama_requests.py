@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from serve_app.engines.llama_tools import gbnf_for, message_text, tool_calls, tool_use
 from serve_app.errors import InvalidRequest, UnsupportedParameter
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
@@ -27,6 +28,7 @@ class Call:
     prompt: str | None
     options: dict[str, Any]
     echo: str = ""
+    tools: bool = False  # the answer may be a tool call (llama_tools.py)
 
     def start(self, llama: Any, *, stream: bool) -> Any:
         if self.messages is not None:
@@ -45,23 +47,32 @@ class Call:
 # Fields whose effect llama-cpp-python cannot reproduce here; refusing beats silently ignoring them.
 # (logprobs would need ``logits_all=True``, which slows every request; logit_bias goes through a custom
 # sampler that llama-cpp-python itself marks as probably broken.)
-_REFUSED = ("logit_bias", "tools", "functions", "audio", "prediction")
+_REFUSED = ("logit_bias", "functions", "audio", "prediction")
 _REFUSED_UNLESS_NONE = ("logprobs", "top_logprobs")
-_HARMLESS_CHOICES = (None, "none", "auto")
 
 
 def plan(request: GenerateRequest) -> list[Call]:
     _check_supported(request)
     options = _sampling(request)
+    use = None
     if isinstance(request, ChatCompletionRequest):
-        inputs: list[tuple[list[dict[str, str]] | None, str | None]] = [(_messages(request), None)]
+        messages = _messages(request)
         options.update(_constraint(request))
+        if (use := tool_use(request)) is not None:
+            if "grammar" in options:
+                raise UnsupportedParameter("response_format and tools cannot be combined on this model",
+                                           param="response_format")
+            call_schema = json.dumps(_holdable(use.schema, "tools"), sort_keys=True)
+            options["grammar"] = _compile(gbnf_for(use, _schema_gbnf(call_schema, "tools")))
+            messages = _with_system(messages, use.system)
+        inputs: list[tuple[list[dict[str, str]] | None, str | None]] = [(messages, None)]
     else:
         inputs = [(None, prompt) for prompt in request.prompts()]
     echo = isinstance(request, CompletionRequest) and request.echo
     return [
         Call(index=p * request.n + j, prompt_index=p, messages=messages, prompt=prompt,
-              options={**options, "seed": _seed(request.seed, j)}, echo=prompt if echo and prompt else "")
+              options={**options, "seed": _seed(request.seed, j)}, echo=prompt if echo and prompt else "",
+              tools=use is not None)
         for p, (messages, prompt) in enumerate(inputs)
         for j in range(request.n)
     ]
@@ -76,9 +87,9 @@ def _check_supported(request: GenerateRequest) -> None:
         value = extra.get(param)
         if value is not None and value is not False:  # logprobs=0 still asks for logprobs
             raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
-    for param in ("tool_choice", "function_call"):
-        if extra.get(param) not in _HARMLESS_CHOICES:
-            raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
+    if extra.get("function_call") not in (None, "none", "auto"):
+        raise UnsupportedParameter("function_call is not supported by this model; use tools",
+                                   param="function_call")
     if extra.get("modalities") not in (None, ["text"]):
         raise UnsupportedParameter("this model only produces text", param="modalities")
     if isinstance(request, CompletionRequest):
@@ -101,7 +112,7 @@ def _constraint(request: ChatCompletionRequest) -> dict[str, Any]:
     if kind == "text":
         return {}
     if kind == "json_object":
-        return {"grammar": _grammar(_ANY_OBJECT)}
+        return {"grammar": _compile(_schema_gbnf(_ANY_OBJECT, "response_format"))}
     if kind != "json_schema":
         raise UnsupportedParameter("response_format.type must be 'text', 'json_object' or 'json_schema'",
                                    param="response_format.type")
@@ -111,11 +122,13 @@ def _constraint(request: ChatCompletionRequest) -> dict[str, Any]:
                              param="response_format.json_schema")
     schema = spec.get("schema")
     if schema is None:
-        return {"grammar": _grammar(_ANY_OBJECT)}  # a name and no schema: any JSON object
+        # a name and no schema: any JSON object
+        return {"grammar": _compile(_schema_gbnf(_ANY_OBJECT, "response_format"))}
     if not isinstance(schema, dict):
         raise InvalidRequest("response_format.json_schema.schema must be a JSON Schema object",
                              param="response_format.json_schema.schema")
-    return {"grammar": _grammar(json.dumps(_holdable(schema), sort_keys=True))}
+    param = "response_format.json_schema.schema"
+    return {"grammar": _compile(_schema_gbnf(json.dumps(_holdable(schema, param), sort_keys=True), param))}
 
 
 # JSON Schema keywords llama-cpp-python's grammar converter does not enforce: output "following" such a
@@ -133,16 +146,16 @@ _SCHEMAS = ("items", "additionalProperties")
 _LARGEST_INTEGER_ENUM = 1000
 
 
-def _holdable(schema: Any) -> Any:
+def _holdable(schema: Any, param: str) -> Any:
     """``schema`` as the grammar can hold it (small integer ranges as enums), or a 400 naming what it
-    cannot."""
+    cannot (``param``: where the schema came from)."""
     refused: set[str] = set()
     rewritten = _rewrite(schema, refused)
     if refused:
         raise InvalidRequest(
-            f"response_format.json_schema.schema: this model's grammar cannot enforce {sorted(refused)}; "
+            f"{param}: this model's grammar cannot enforce {sorted(refused)}; "
             f"remove them (integer ranges up to {_LARGEST_INTEGER_ENUM} values are fine)",
-            param="response_format.json_schema.schema", code="unsupported_schema_keyword")
+            param=param, code="unsupported_schema_keyword")
     return rewritten
 
 
@@ -172,20 +185,25 @@ def _rewrite(node: Any, refused: set[str]) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _grammar(schema: str) -> Any:
+def _schema_gbnf(schema: str, param: str) -> str:
     """A schema's GBNF grammar (built once: a few ms). llama-cpp-python, handed the schema itself, falls
     back to "any JSON" when it cannot convert it; a caller who asked for a schema gets a 400 instead."""
-    from llama_cpp.llama_grammar import LlamaGrammar, json_schema_to_gbnf
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
         gbnf = json_schema_to_gbnf(schema)
     except Exception as exc:
-        raise InvalidRequest(f"response_format.json_schema.schema: llama.cpp cannot hold output to this "
-                             f"schema ({type(exc).__name__}: {exc})",
-                             param="response_format.json_schema.schema", code="invalid_json_schema") from exc
+        raise InvalidRequest(f"{param}: llama.cpp cannot hold output to this schema ({type(exc).__name__}: "
+                             f"{exc})", param=param, code="invalid_json_schema") from exc
     # llama-cpp-python 0.3's string characters admit raw control characters (a newline inside a string
     # is not JSON); llama.cpp's own converter excludes them, as JSON does.
-    gbnf = gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+    return gbnf.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(gbnf: str) -> Any:
+    from llama_cpp.llama_grammar import LlamaGrammar
+
     return LlamaGrammar.from_string(gbnf, verbose=False)
 
 
@@ -214,10 +232,15 @@ def _messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
     out = []
     for m in request.messages:
         extra = m.model_extra or {}
-        if m.role in ("tool", "function") or extra.get("tool_calls") or extra.get("function_call"):
-            raise UnsupportedParameter("this model does not support tool calls", param="messages")
+        if m.role == "function" or extra.get("function_call"):
+            raise UnsupportedParameter("function messages are not supported by this model; use tools",
+                                       param="messages")
         if isinstance(m.content, list) and any(part.get("type") != "text" for part in m.content):
             raise UnsupportedParameter("this model accepts text content only", param="messages")
+        if m.role == "tool" or extra.get("tool_calls"):
+            role, content = message_text(m)
+            out.append({"role": role, "content": content})
+            continue
         # The model's chat template knows system, user and assistant; "developer" is OpenAI's new "system".
         out.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
     return out
@@ -225,10 +248,19 @@ def _messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
 
 # --- responses ------------------------------------------------------------------------------------------
 
+def _with_system(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
 def choice(call: Call, llama_choice: dict[str, Any], chat: bool) -> dict[str, Any]:
     finish_reason = llama_choice["finish_reason"]
     if chat:
         content = llama_choice["message"]["content"] or ""
+        if call.tools and (calls := tool_calls(content)) is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            return {"index": call.index, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
         return {"index": call.index, "message": {"role": "assistant", "content": content},
                 "logprobs": None, "finish_reason": finish_reason}
     return {"index": call.index, "text": call.echo + llama_choice["text"], "logprobs": None,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import openai
 import pytest
 from openai import OpenAI
@@ -115,3 +118,28 @@ def test_structured_output_from_the_local_model_parses_with_the_sdk(client: Open
                                                  messages=messages, response_format=City) as events:
             city = events.get_final_completion().choices[0].message.parsed
     assert isinstance(city, City)  # parsed and validated by the SDK itself (the content is the model's)
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 40}}}}}
+
+
+@pytest.mark.parametrize("stream", [pytest.param(False, id="whole"), pytest.param(True, id="streamed")])
+def test_tool_call_from_the_local_model_with_the_sdk(client: OpenAI, stream: bool) -> None:
+    kwargs: dict[str, Any] = {"model": "local/smollm2-135m", "max_tokens": 60, "temperature": 0,
+                              "tools": [WEATHER_TOOL], "tool_choice": "required",
+                              "messages": [{"role": "user", "content": "What's the weather in Oslo?"}]}
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls"
+        call = choice.message.tool_calls[0]  # type: ignore[index]
+        name, arguments = call.function.name, call.function.arguments
+    else:
+        with client.beta.chat.completions.stream(**kwargs) as events:
+            final = events.get_final_completion().choices[0]
+        assert final.finish_reason == "tool_calls"
+        call = final.message.tool_calls[0]  # type: ignore[index]
+        name, arguments = call.function.name, call.function.arguments
+    assert name == "get_weather" and isinstance(json.loads(arguments)["city"], str)

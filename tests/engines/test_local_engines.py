@@ -42,12 +42,9 @@ async def test_llama_contract(llama: LlamaCppEngine, check: contract.Check) -> N
 @needs_llama
 @pytest.mark.parametrize("overrides, param", [
     pytest.param({"top_logprobs": 2}, "top_logprobs", id="top_logprobs"),
-    pytest.param({"tool_choice": "required"}, "tool_choice", id="tool_choice"),
     pytest.param({"response_format": {"type": "xml"}}, "response_format.type", id="response-format-type"),
     pytest.param({"modalities": ["text", "audio"]}, "modalities", id="audio"),
     pytest.param({"functions": [{"name": "f", "parameters": {}}]}, "functions", id="functions"),
-    pytest.param({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages",
-                 id="tool-message"),
     pytest.param({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}, "messages",
                  id="image-part"),
