@@ -24,6 +24,24 @@ for await (const chunk of stream) {
 
 const emb = await client.embeddings.create({ model: "local/minilm-l6-v2", input: ["hello", "world"] });
 
+// Structured output: the answer is held to the schema (llama.cpp grammar on local models).
+const city = await client.chat.completions.create({
+  model, max_tokens: 60, temperature: 0,
+  messages: [{ role: "user", content: "Describe Lisbon as a record." }],
+  response_format: { type: "json_schema", json_schema: { name: "city", strict: true, schema: {
+    type: "object", additionalProperties: false, required: ["name", "coastal"],
+    properties: { name: { type: "string", maxLength: 40 }, coastal: { type: "boolean" } } } } },
+});
+
+// A tool call: tool_choice "required" (or a named tool) always gives a call to a declared function.
+const weather = await client.chat.completions.create({
+  model, max_tokens: 60, temperature: 0, tool_choice: "required",
+  messages: [{ role: "user", content: "What's the weather in Oslo?" }],
+  tools: [{ type: "function", function: { name: "get_weather", description: "Current weather in a city",
+    parameters: { type: "object", additionalProperties: false, required: ["city"],
+      properties: { city: { type: "string", maxLength: 40 } } } } }],
+});
+
 let notFound = null;
 try {
   await client.chat.completions.create({ model: "nobody/none", messages: ask });
@@ -37,5 +55,8 @@ console.log(JSON.stringify({
   streamed,
   usage,
   embeddings: emb.data.map((d) => d.embedding.length),
+  structured: JSON.parse(city.choices[0].message.content),
+  toolCall: weather.choices[0].message.tool_calls[0].function,
+  toolFinish: weather.choices[0].finish_reason,
   notFound,
 }));

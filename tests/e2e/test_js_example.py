@@ -33,3 +33,7 @@ def test_openai_js_sdk_example(graph: Graph, admin_headers: dict[str, str]) -> N
     assert result["usage"]["completion_tokens"] > 0
     assert result["embeddings"] == [384, 384]
     assert result["notFound"] == {"status": 404, "code": "model_not_found"}
+    city = result["structured"]  # held to its schema: exactly these keys, a boolean
+    assert set(city) == {"name", "coastal"} and isinstance(city["coastal"], bool)
+    assert result["toolFinish"] == "tool_calls" and result["toolCall"]["name"] == "get_weather"
+    assert isinstance(json.loads(result["toolCall"]["arguments"])["city"], str)
