@@ -65,10 +65,6 @@ class RunSlots:
         self._depth: dict[str, int] = {}  # priority class → waiting here
 
     @property
-    def running(self) -> list[Slot]:
-        return list(self._running)
-
-    @property
     def waiting(self) -> int:
         return len(self._waiting)
 

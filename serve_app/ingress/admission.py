@@ -93,10 +93,19 @@ class _Gate:
         per_request_s = max(self.hold_s.get(entry.turn.rank, 0.0), min(self.hold_s.values()) / left)
         return ahead * per_request_s / limits.capacity
 
-    def record_hold(self, rank: int, held_s: float) -> None:
-        old = self.hold_s.get(rank)
-        self.hold_s[rank] = held_s if old is None else old + _EWMA * (held_s - old)
-        self._add_busy(rank, held_s)
+    def take(self, turn: Turn, waited_s: float) -> None:
+        self.in_flight += 1
+        self.ranks[turn.rank] += 1
+        self.priorities[turn.priority] += 1
+        metrics.QUEUE_WAIT.observe(waited_s, model=self.name, priority_class=turn.label, where="ingress")
+
+    def give_back(self, turn: Turn, held_s: float) -> None:
+        self.in_flight -= 1
+        self.ranks[turn.rank] -= 1
+        self.priorities[turn.priority] -= 1
+        old = self.hold_s.get(turn.rank)
+        self.hold_s[turn.rank] = held_s if old is None else old + _EWMA * (held_s - old)
+        self._add_busy(turn.rank, held_s)
 
     def _add_busy(self, rank: int, seconds: float) -> None:
         now = time.monotonic()
@@ -127,7 +136,8 @@ class Admission:
         function gives it back (call it once)."""
         gate = self._gates.get(gate_name) or self._gates.setdefault(gate_name, _Gate(gate_name))
         if not len(gate.waiting) and gate.can_enter(turn, limits):
-            return self._admit(gate, turn, limits, waited_s=0.0)
+            gate.take(turn, waited_s=0.0)
+            return self._release_for(gate, turn, limits, time.perf_counter())
         waiter = _Waiter(asyncio.get_running_loop().create_future(), turn.max_wait_s)
         entry = gate.waiting.push(turn, waiter)
         self._wake(gate, limits)  # it may outrank everything in flight (burst)
@@ -175,17 +185,6 @@ class Admission:
             raise error  # pushed out by a higher priority
         return self._release_for(gate, turn, limits, time.perf_counter())
 
-    def _admit(self, gate: _Gate, turn: Turn, limits: GateLimits, waited_s: float) -> Release:
-        self._take(gate, turn)
-        metrics.QUEUE_WAIT.observe(waited_s, model=gate.name, priority_class=turn.label, where="ingress")
-        return self._release_for(gate, turn, limits, time.perf_counter())
-
-    @staticmethod
-    def _take(gate: _Gate, turn: Turn) -> None:
-        gate.in_flight += 1
-        gate.ranks[turn.rank] += 1
-        gate.priorities[turn.priority] += 1
-
     def _release_for(self, gate: _Gate, turn: Turn, limits: GateLimits, since: float) -> Release:
         released = False
 
@@ -194,11 +193,7 @@ class Admission:
             if released:
                 return
             released = True
-            held = time.perf_counter() - since
-            gate.record_hold(turn.rank, held)
-            gate.in_flight -= 1
-            gate.ranks[turn.rank] -= 1
-            gate.priorities[turn.priority] -= 1
+            gate.give_back(turn, held_s=time.perf_counter() - since)
             self._wake(gate, limits)
 
         return release
@@ -208,9 +203,7 @@ class Admission:
             gate.waiting.pop()
             if entry.item.future.done():
                 continue
-            self._take(gate, entry.turn)
-            metrics.QUEUE_WAIT.observe(time.perf_counter() - entry.item.queued_at, model=gate.name,
-                                       priority_class=entry.turn.label, where="ingress")
+            gate.take(entry.turn, waited_s=time.perf_counter() - entry.item.queued_at)
             entry.item.future.set_result(None)
 
     def _over_budget(self, gate: _Gate, entry: Entry[_Waiter], limits: GateLimits
@@ -238,7 +231,8 @@ class Admission:
             self._shed(gate, entry.turn, "pushed_out")
             entry.item.future.set_exception(refusal)
 
-    def _shed(self, gate: _Gate, turn: Turn, reason: str) -> None:
+    @staticmethod
+    def _shed(gate: _Gate, turn: Turn, reason: str) -> None:
         metrics.SHED.inc(model=gate.name, priority_class=turn.label, reason=reason)
 
     def _count(self, gate: _Gate, turn: Turn, delta: int) -> None:
