@@ -118,8 +118,17 @@ class RunSlots:
         best = self._waiting.peek()
         if self._linger_s and best is not None and best.turn.rank < slot.turn.rank:
             loop = asyncio.get_running_loop()
-            self._reserved_for, self._reserved_until = slot.turn.rank, loop.time() + self._linger_s
-            loop.call_later(self._linger_s, self._wake)
+            until = loop.time() + self._linger_s
+            self._reserved_for, self._reserved_until = slot.turn.rank, until
+            loop.call_later(self._linger_s, self._end_linger, until)
+        self._wake()
+
+    def _end_linger(self, until: float) -> None:
+        # Ends the reservation by itself rather than by comparing clocks: asyncio may run a timer up to
+        # its clock resolution early, and a _wake() that still saw the reservation would leave the
+        # waiter stranded until some other request came or went.
+        if self._reserved_until == until:
+            self._reserved_for, self._reserved_until = -1, 0.0
         self._wake()
 
     def _may_start(self, turn: Turn) -> bool:
@@ -130,7 +139,7 @@ class RunSlots:
     def _wake(self) -> None:
         while self._free > 0 and (entry := self._waiting.peek()) is not None:
             if not self._may_start(entry.turn):
-                return  # lingering for a higher class; call_later wakes us after
+                return  # lingering for a higher class; _end_linger wakes us after
             self._waiting.pop()
             if not entry.item.grant.done():
                 entry.item.grant.set_result(self._start(entry.turn, entry.item.preemptible))
