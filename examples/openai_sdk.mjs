@@ -42,6 +42,33 @@ const weather = await client.chat.completions.create({
       properties: { city: { type: "string", maxLength: 40 } } } } }],
 });
 
+// The Responses API: a response, its typed events, a structured answer, a function call, a follow-up.
+const respond = (over) => client.responses.create({ model, max_output_tokens: 12, temperature: 0, ...over });
+const response = await respond({ input: "What is the capital of France?", instructions: "Be brief." });
+const followUp = await respond({ input: "And of Spain?", previous_response_id: response.id });
+const eventTypes = [];
+let responseStreamed = "";
+for await (const event of await respond({ input: "Count to three", stream: true })) {
+  eventTypes.push(event.type);
+  if (event.type === "response.output_text.delta") responseStreamed += event.delta;
+}
+const helper = client.responses.stream({ model, input: "Count to three", max_output_tokens: 12, temperature: 0 });
+const helperFinal = await helper.finalResponse();
+const cityResponse = await respond({
+  input: "Describe Lisbon as a record.", max_output_tokens: 60,
+  text: { format: { type: "json_schema", name: "city", strict: true, schema: {
+    type: "object", additionalProperties: false, required: ["name", "coastal"],
+    properties: { name: { type: "string", maxLength: 40 }, coastal: { type: "boolean" } } } } },
+});
+const callResponse = await respond({
+  input: "What's the weather in Oslo?", max_output_tokens: 60, tool_choice: "required",
+  tools: [{ type: "function", name: "get_weather", description: "Current weather in a city",
+    parameters: { type: "object", additionalProperties: false, required: ["city"],
+      properties: { city: { type: "string", maxLength: 40 } } } }],
+});
+const remoteModel = process.env.IIR_REMOTE_MODEL;
+const remote = remoteModel ? await respond({ model: remoteModel, input: "hello from javascript" }) : null;
+
 let notFound = null;
 try {
   await client.chat.completions.create({ model: "nobody/none", messages: ask });
@@ -59,4 +86,15 @@ console.log(JSON.stringify({
   toolCall: weather.choices[0].message.tool_calls[0].function,
   toolFinish: weather.choices[0].finish_reason,
   notFound,
+  responses: {
+    text: response.output_text,
+    usage: response.usage,
+    followUp: { previous: followUp.previous_response_id === response.id, text: followUp.output_text },
+    eventTypes,
+    streamed: responseStreamed,
+    helper: helperFinal.output_text,
+    structured: JSON.parse(cityResponse.output_text),
+    call: callResponse.output.find((item) => item.type === "function_call"),
+    remote: remote && { model: remote.model, text: remote.output_text },
+  },
 }));

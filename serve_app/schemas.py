@@ -93,6 +93,56 @@ class CompletionRequest(_Sampling):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
+class ResponseTextFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = Field(None, max_length=64)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_json_schema(self) -> ResponseTextFormat:
+        if self.type == "json_schema" and (self.schema_ is None or not self.name):
+            raise ValueError("a json_schema format needs a name and a schema")
+        return self
+
+
+class ResponseText(_Open):
+    format: ResponseTextFormat = Field(default_factory=ResponseTextFormat)
+
+
+class ResponsesRequest(_Open):
+    """``POST /v1/responses``. Items in ``input`` are checked as they are translated (the error names
+    ``input[i]...``): their kinds are many and a provider that speaks this API takes them as sent."""
+
+    model: str = Field(min_length=1, max_length=256)
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: ResponseText | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    include: list[str] | None = None
+    stream: bool = False
+    store: bool = True
+    previous_response_id: str | None = Field(None, min_length=1, max_length=128)
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    background: bool | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        # OpenAI's bounds: 16 pairs, keys of 64 characters, values of 512.
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("at most 16 pairs, keys up to 64 characters, values up to 512")
+        return v
+
+
 class EmbeddingRequest(_Open):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[str] | list[int] | list[list[int]]

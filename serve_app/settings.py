@@ -87,6 +87,14 @@ class Settings(BaseSettings):
     semantic_cache_max_entries: int = Field(100_000, gt=0)
     semantic_cache_timeout_s: float = Field(0.25, gt=0)
 
+    # Stored responses of the Responses API (previous_response_id; GET/DELETE /v1/responses/{id}),
+    # visible only to the key that made them. auto: Redis if it answers at start, else in-process.
+    responses_backend: Literal["auto", "redis", "memory", "off"] = "auto"
+    responses_ttl_s: int = Field(7 * 86_400, gt=0)
+    # A longer conversation is answered but not stored (its response says "store": false).
+    responses_max_bytes: int = Field(4 * 2**20, gt=0)
+    responses_timeout_s: float = Field(0.25, gt=0)
+
     # What stands in front of the ingress on port 8000 (serve_app/dataplane.py): Ray's HAProxy, or
     # Serve's Python proxy. The proxy token is how HAProxy vouches for the client address it states;
     # every node's `ray start` needs the same one (`iir dataplane env` prints them).

@@ -75,6 +75,9 @@ def write_configs(folder: Path, upstream_base_url: str, llama_base_url: str | No
         {"id": "fake/echo-faq", "engine": "openai", "task": "chat", "source": "echo-faq",
          "semantic_cache": True},
         {"id": "fake/musicgen", "engine": "http", "task": "generic", "endpoint": "generic/echo"},
+        # The same upstream as a provider whose Responses API /v1/responses passes through to.
+        {"id": "fake/echo-responses", "engine": "openai", "task": "chat", "source": "echo-1",
+         "provider": "fake-responses"},
     ]
     if local:
         # One public id served by a provider and a local replica (issue 14): the provider first.
@@ -82,7 +85,9 @@ def write_configs(folder: Path, upstream_base_url: str, llama_base_url: str | No
                              "members": [{"model": "fake/echo-chat", "weight": 1e6},
                                          {"model": "local/smollm2-135m", "weight": 1e-6}]}]
     providers = {"providers": [{"name": "fake", "base_url": upstream_base_url,
-                                "api_key_env": "IIR_TEST_UPSTREAM_KEY"}]}
+                                "api_key_env": "IIR_TEST_UPSTREAM_KEY"},
+                               {"name": "fake-responses", "base_url": upstream_base_url,
+                                "api_key_env": "IIR_TEST_UPSTREAM_KEY", "responses_api": True}]}
     if llama_base_url:
         models["models"].append({"id": "llamacpp/smollm2-135m", "engine": "openai", "task": "chat",
                                  "source": "smollm2-135m"})

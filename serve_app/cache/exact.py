@@ -63,6 +63,7 @@ class ResponseStore(Protocol):
     def available(self) -> bool: ...
     async def get(self, key: str) -> bytes | None: ...
     async def set(self, key: str, value: bytes, ttl_s: int) -> None: ...
+    async def delete(self, key: str) -> bool: ...
     def status(self) -> str: ...
     async def aclose(self) -> None: ...
 
@@ -294,15 +295,16 @@ def _decode(raw: bytes) -> dict[str, Any] | None:
 class RedisResponseStore:
     name = "redis"
 
-    def __init__(self, redis: Redis, *, timeout_s: float, stats: CacheStats | None = None) -> None:
+    def __init__(self, redis: Redis, *, timeout_s: float, stats: CacheStats | None = None,
+                 what: str = "response cache") -> None:
         self._redis = redis
         self._timeout_s = timeout_s
         self.stats = stats or CacheStats()
         self._guard = FailOpen(
             logger, probe=redis.ping, probe_timeout_s=timeout_s, backoff=Backoff(0.5, 5.0, jitter=True),
-            lost="response cache off: Redis unavailable (%(error)s); requests are served without it "
-                 "until it is back",
-            back="Redis is back after %(seconds).1f s; the response cache is on again")
+            lost=f"{what} off: Redis unavailable (%(error)s); requests are served without it until it is "
+                 "back",
+            back=f"Redis is back after %(seconds).1f s; the {what} is on again")
 
     async def get(self, key: str) -> bytes | None:
         if self._guard.paused():
@@ -327,6 +329,18 @@ class RedisResponseStore:
             self.stats.errors += 1
             metrics.CACHE_ERRORS.inc(backend="redis")
             self._guard.failed(exc)
+
+    async def delete(self, key: str) -> bool:
+        if self._guard.paused():
+            return False
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return bool(await self._redis.delete(key))
+        except Exception as exc:
+            self.stats.errors += 1
+            metrics.CACHE_ERRORS.inc(backend="redis")
+            self._guard.failed(exc)
+            return False
 
     @property
     def available(self) -> bool:
@@ -368,6 +382,9 @@ class MemoryResponseStore:
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
+    async def delete(self, key: str) -> bool:
+        return self._entries.pop(key, None) is not None
+
     def status(self) -> str:
         return "memory (no Redis at start): per ingress replica"
 
@@ -375,15 +392,15 @@ class MemoryResponseStore:
         self._entries.clear()
 
 
-async def make_store(redis_url: str | None, *, timeout_s: float, backend: str,
-                     stats: CacheStats) -> ResponseStore | None:
-    """``auto``: Redis if it answers a PING now, else the in-process LRU (logged); ``off``: none."""
+async def make_store(redis_url: str | None, *, timeout_s: float, backend: str, stats: CacheStats,
+                     what: str = "response cache", max_entries: int = 10_000) -> ResponseStore | None:
+    """``auto``: Redis if it answers a PING now, else the in-process LRU (logged); ``off``: none.
+    (Also the store of the Responses API's conversations: ``what`` names it in the log.)"""
     if backend == "off":
         return None
     if backend == "memory" or not redis_url:
-        logger.warning("response cache: in-process LRU (no Redis configured); each ingress replica "
-                       "caches alone")
-        return MemoryResponseStore()
+        logger.warning("%s: in-process LRU (no Redis configured); each ingress replica keeps its own", what)
+        return MemoryResponseStore(max_entries)
     redis = make_redis(redis_url, timeout_s=timeout_s)
     if backend == "auto":
         try:
@@ -391,7 +408,7 @@ async def make_store(redis_url: str | None, *, timeout_s: float, backend: str,
                 await redis.ping()
         except Exception:
             await redis.aclose()
-            logger.warning("response cache: Redis at %s did not answer at start; using an in-process LRU "
-                           "per ingress replica", redis_url.rsplit("@", 1)[-1])
-            return MemoryResponseStore()
-    return RedisResponseStore(redis, timeout_s=timeout_s, stats=stats)
+            logger.warning("%s: Redis at %s did not answer at start; using an in-process LRU per ingress "
+                           "replica", what, redis_url.rsplit("@", 1)[-1])
+            return MemoryResponseStore(max_entries)
+    return RedisResponseStore(redis, timeout_s=timeout_s, stats=stats, what=what)

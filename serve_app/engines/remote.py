@@ -53,6 +53,7 @@ HEALTH_TIMEOUT_S = 3.0
 # Upstream messages can quote our key prefix or organisation id; neither belongs in a caller's response.
 _SECRETS = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|org-[A-Za-z0-9]{6,})")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 class UpstreamClient:
@@ -114,6 +115,7 @@ class RemoteEngine(EngineBase):
         provider: str = "upstream",
         api_key_env: str | None = None,
         connect_timeout_s: float | None = None,
+        responses_api: bool = False,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._client = client
@@ -129,6 +131,8 @@ class RemoteEngine(EngineBase):
         self._has_key = bool(api_key)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
+        # /v1/responses requests pass through to this upstream's own Responses API (respond below).
+        self.speaks_responses = responses_api and not self._endpoint
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, provider: ProviderSpec, client: UpstreamClient, *,
@@ -147,6 +151,7 @@ class RemoteEngine(EngineBase):
             provider=provider.name,
             api_key_env=provider.api_key_env,
             connect_timeout_s=connect_timeout_s,
+            responses_api=provider.responses_api,
         )
 
     def __repr__(self) -> str:  # shows up in logs and tracebacks: name the upstream, never the key
@@ -172,6 +177,21 @@ class RemoteEngine(EngineBase):
         async with (
             self._open(_path_for(request), body) as response,
             aclosing(self._chunks(response)) as chunks,
+        ):
+            async for chunk in chunks:
+                yield chunk
+
+    async def respond(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A Responses API request (a plain dict, as the caller sent it) to the upstream's own."""
+        body = {**body, "model": self._model or body["model"], "stream": False}
+        return await self._post_json("responses", body)
+
+    async def respond_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Its typed events. The Responses API sends no ``[DONE]``: its last event ends the stream."""
+        body = {**body, "model": self._model or body["model"], "stream": True}
+        async with (
+            self._open("responses", body) as response,
+            aclosing(self._chunks(response, last_events=_RESPONSE_ENDS)) as chunks,
         ):
             async for chunk in chunks:
                 yield chunk
@@ -281,14 +301,20 @@ class RemoteEngine(EngineBase):
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"{self._who()} request failed: {_describe(exc)}") from exc
 
-    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncGenerator[dict[str, Any]]:
-        """Yield each SSE ``data`` payload as it arrives; anything but a clean ``[DONE]`` raises."""
+    async def _chunks(self, response: aiohttp.ClientResponse, last_events: frozenset[str] = frozenset()
+                      ) -> AsyncGenerator[dict[str, Any]]:
+        """Yield each SSE ``data`` payload as it arrives; anything but a clean end (``[DONE]``, or an
+        event of a type in ``last_events``) raises."""
+        ended = False
         try:
             async for event, data in _sse_events(response.content):
                 if data == "[DONE]":
                     return
                 chunk = _parse_chunk(event, data, self._who())
+                ended = chunk.get("type") in last_events
                 yield chunk
+            if ended:
+                return
         except TimeoutError as exc:
             raise UpstreamError(f"{self._who()} stalled mid-stream: {_describe(exc)}",
                                 code="upstream_timeout") from exc

@@ -18,6 +18,7 @@ from serve_app.ingress.admission import Admission
 from serve_app.ingress.context import InFlight
 from serve_app.ingress.key_cache import KeyVerifier, RevocationListener, VerifiedKeyCache
 from serve_app.ingress.rate_limit import RateLimiter
+from serve_app.ingress.stored_responses import StoredResponses
 from serve_app.ingress.usage_recorder import UsageRecorder, UsageSink
 from serve_app.redis_client import ChannelListener, make_redis
 from serve_app.registry.catalog import Catalog, load_catalog
@@ -63,6 +64,9 @@ class Gateway:
     admission: Admission
     # Made at startup (it may PING Redis); None while starting, or with IIR_CACHE_BACKEND=off.
     cache: ResponseCache | None = None
+    # The Responses API's stored responses, made at startup; None while starting, or with
+    # IIR_RESPONSES_BACKEND=off.
+    responses: StoredResponses | None = None
     in_flight: InFlight = field(default_factory=InFlight)
     # A proxy that hides client addresses (HAProxy) is the TCP peer of every request: trust only the
     # address it states with the proxy token (serve_app/ingress/trusted_ip.py).
@@ -119,8 +123,20 @@ def build_gateway(settings: Settings, *, verifier: KeyVerifier, key_admin: KeyAd
         if gateway.cache is not None:
             await gateway.cache.aclose()
 
-    gateway.on_startup.append(start_cache)
-    gateway.on_shutdown.append(stop_cache)
+    async def start_stored_responses() -> None:
+        store = await make_store(settings.redis_url, timeout_s=settings.responses_timeout_s,
+                                 backend=settings.responses_backend, stats=CacheStats(),
+                                 what="stored responses", max_entries=1_000)
+        if store is not None:
+            gateway.responses = StoredResponses(store, ttl_s=settings.responses_ttl_s,
+                                                max_bytes=settings.responses_max_bytes)
+
+    async def stop_stored_responses() -> None:
+        if gateway.responses is not None:
+            await gateway.responses.aclose()
+
+    gateway.on_startup += [start_cache, start_stored_responses]
+    gateway.on_shutdown += [stop_cache, stop_stored_responses]
     return gateway
 
 

@@ -3,6 +3,7 @@
     endpoint               job            cacheable  streams  auto
     /v1/chat/completions   GenerateJob    yes        yes      yes
     /v1/completions        GenerateJob    yes        yes      yes
+    /v1/responses          ResponsesJob   yes        yes      yes (as chat, translated: responses_api.py)
     /v1/embeddings         EmbedJob       no         no       no (400: vectors must come from one model)
     /infer                 InferJob       no         no       yes
     /v1/classify           ClassifyJob    no         no       it is auto, without the model call
@@ -18,14 +19,17 @@ The generic ``/infer`` maps ``{"model", "input"}`` → ``{"output"}`` by the mod
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from serve_app.engines.base import new_id
-from serve_app.errors import InvalidRequest, ServiceUnavailable
+from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
 from serve_app.fair_queue import Turn
+from serve_app.ingress import responses_api
 from serve_app.ingress.metering import with_stream_usage
+from serve_app.ingress.sse import close as close_stream
 from serve_app.routing.classifier import Conversation
 from serve_app.routing.router import AUTO_MODELS, Decision, Route
 from serve_app.schemas import (
@@ -35,11 +39,33 @@ from serve_app.schemas import (
     EmbeddingRequest,
     GenerateRequest,
     InferRequest,
+    ResponsesRequest,
 )
+
+if TYPE_CHECKING:
+    from serve_app.ingress.context import RequestContext
+    from serve_app.ingress.gateway import Gateway
+    from serve_app.ingress.stored_responses import StoredResponses
 
 # /infer callers rarely think about length; without a cap a small model rambles to its context limit.
 DEFAULT_INFER_MAX_TOKENS = 256
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+
+
+@dataclass(slots=True)
+class Answer:
+    """A JSON body, or a stream whose first chunk already arrived (so a failure before it is a status)."""
+
+    body: dict[str, Any] | None = None
+    first: dict[str, Any] | None = None
+    rest: AsyncIterator[dict[str, Any]] | None = None
+    # The stream's chunks are the Responses API's typed events (framed with ``event:`` lines, no
+    # ``[DONE]``), not chat or completion chunks.
+    typed_events: bool = False
+
+    @property
+    def streaming(self) -> bool:
+        return self.rest is not None
 
 
 class Job:
@@ -49,6 +75,13 @@ class Job:
     streaming = False
     # The request's headers, where they say something about the answer (Cache-Control, x-iir-cache).
     headers: Mapping[str, str] = {}
+
+    async def prepare(self, gateway: Gateway, ctx: RequestContext) -> None:
+        """Before routing: what the job must read first (a stored conversation to continue)."""
+
+    async def present(self, ctx: RequestContext, answer: Answer) -> Answer:
+        """The pipeline's answer as this endpoint gives it."""
+        return answer
 
     def conversation(self) -> Conversation:
         """What ``model: "auto"`` classifies, as (role, text) turns."""
@@ -109,6 +142,127 @@ class GenerateJob(Job):
     @property
     def client_wants_usage(self) -> bool:
         return self.body.include_usage
+
+
+class ResponsesJob(Job):
+    """``/v1/responses``: run as a chat request (translated in ``prepare``) and given back as a response
+    or its typed events (in ``present``); a provider that speaks the Responses API gets the request as
+    it came instead."""
+
+    def __init__(self, body: ResponsesRequest, headers: Mapping[str, str]) -> None:
+        self.body = body
+        self.headers = headers
+        self.model = body.model
+        self.streaming = body.stream
+        self._history: list[responses_api.Item] = []
+        self._translation = responses_api.Translation(None)
+        self._routed: responses_api.ResponsesAsChat | None = None
+        self._stored: StoredResponses | None = None
+        self._key_id = ""
+
+    async def prepare(self, gateway: Gateway, ctx: RequestContext) -> None:
+        assert ctx.key is not None
+        self._stored, self._key_id = gateway.responses, ctx.key.id
+        if self.body.previous_response_id:
+            if self._stored is None:
+                raise UnsupportedParameter(
+                    "previous_response_id needs stored responses, which are off here "
+                    "(IIR_RESPONSES_BACKEND=off); send the whole conversation as input",
+                    param="previous_response_id")
+            self._history = await self._stored.conversation(self._key_id, self.body.previous_response_id)
+        self._translation = responses_api.to_chat(self.body, self._history)
+
+    def conversation(self) -> Conversation:
+        chat = self._translation.chat
+        if chat is None:
+            return [("user", self.body.input)] if isinstance(self.body.input, str) else []
+        return [(m.role, m.text()) for m in chat.messages]
+
+    def cacheable(self) -> GenerateRequest | None:
+        return self._translation.chat
+
+    def _chat_for(self, route: Route) -> responses_api.ResponsesAsChat:
+        chat = self._translation.chat
+        if chat is None:
+            assert self._translation.refusal is not None
+            raise self._translation.refusal
+        if self._routed is None or self._routed.model != route.spec.id:
+            self._routed = chat.model_copy(update={"model": route.spec.id})
+        return self._routed
+
+    def _as_sent(self, route: Route) -> dict[str, Any]:
+        """The request for a provider that speaks the Responses API: as it came, with the stored
+        conversation written out (IIR keeps conversations, so the provider is asked not to)."""
+        body = self.body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude_none=True)
+        body.update(model=route.spec.id, input=[*self._history, *responses_api.input_items(self.body)],
+                    store=False)
+        body.pop("previous_response_id", None)
+        return body
+
+    async def call(self, route: Route, turn: Turn) -> dict[str, Any]:
+        if getattr(route.engine, "speaks_responses", False):
+            respond = route.engine.respond  # type: ignore[attr-defined]
+            return await respond(self._as_sent(route))  # type: ignore[no-any-return]
+        result = await route.engine.generate(self._chat_for(route), turn)
+        result["model"] = route.spec.id
+        return result
+
+    def stream(self, route: Route, turn: Turn) -> AsyncIterator[dict[str, Any]]:
+        if getattr(route.engine, "speaks_responses", False):
+            respond_stream = route.engine.respond_stream  # type: ignore[attr-defined]
+            return respond_stream(self._as_sent(route))  # type: ignore[no-any-return]
+        return route.engine.stream(with_stream_usage(self._chat_for(route)), turn)
+
+    @property
+    def client_wants_usage(self) -> bool:
+        return True  # the usage chunk becomes the response's usage (present drops it)
+
+    async def present(self, ctx: RequestContext, answer: Answer) -> Answer:
+        echo = responses_api.Echo(responses_api.new_item_id("resp"), responses_api.now(), self.body,
+                                  model=ctx.model)
+        if not answer.streaming:
+            assert answer.body is not None
+            body = answer.body
+            response = (responses_api.passed_through(echo, body) if body.get("object") == "response"
+                        else responses_api.response_object(echo, body))
+            response["store"] = await self._keep(response)
+            return Answer(response)
+        assert answer.rest is not None
+        chunks = _chained(answer.first, answer.rest)
+        if answer.first is not None and "type" in answer.first:  # a provider's own events
+            events = responses_api.passed_through_events(echo, self._keep, chunks)
+            first = await anext(events, None)
+            return Answer(None, first, events, typed_events=True)
+        translator = responses_api.ResponseEvents(echo, self._keep)
+        created, in_progress = translator.opening()
+        return Answer(None, created, _prefixed(in_progress, translator.translate(chunks)), typed_events=True)
+
+    async def _keep(self, response: dict[str, Any]) -> bool:
+        if not self.body.store or self._stored is None:
+            return False
+        return await self._stored.keep(self._key_id, response,
+                                       [*self._history, *responses_api.input_items(self.body)])
+
+
+async def _chained(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
+                   ) -> AsyncIterator[dict[str, Any]]:
+    try:
+        if first is not None:
+            yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await close_stream(rest)  # gives the model slot back now if the client left
+
+
+async def _prefixed(head: dict[str, Any], rest: AsyncIterator[dict[str, Any]]
+                    ) -> AsyncIterator[dict[str, Any]]:
+    try:
+        yield head
+        async for item in rest:
+            yield item
+    finally:
+        await close_stream(rest)
 
 
 class EmbedJob(Job):

@@ -54,6 +54,8 @@ class Meter:
                 answered = True
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+                elif chunk.get("type") in _RESPONSE_ENDS:  # a provider's own Responses API events
+                    usage = (chunk.get("response") or {}).get("usage")
                 if strip_usage and "usage" in chunk:
                     if not chunk.get("choices"):
                         continue  # the usage chunk we asked for on the client's behalf
@@ -67,6 +69,9 @@ class Meter:
             close = getattr(chunks, "aclose", None)
             if close is not None:
                 await close()
+
+
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def with_stream_usage(body: GenerateRequest) -> GenerateRequest:
@@ -83,6 +88,8 @@ def token_counts(usage: Any) -> tuple[int, int]:
     if not isinstance(usage, dict):
         return 0, 0
     prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if not prompt and not completion:  # the Responses API's names
+        prompt, completion = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
     if not prompt and not completion:
         prompt = _count(usage.get("total_tokens"))
     return prompt, completion

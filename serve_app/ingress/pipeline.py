@@ -1,11 +1,12 @@
 """The request pipeline: the ordered steps every model endpoint runs.
 
-    authenticate → limit → route → cache → [admit → call]… → meter → store → log
-    (deps.py)       ─────────────────── Pipeline.run ───────────────────────   (middleware.py)
+    authenticate → limit → prepare → route → cache → [admit → call]… → meter → store → present → log
+    (deps.py)       ──────────────────────────── Pipeline.run ───────────────────────────   (middleware.py)
 
-``route`` makes the request's plan (a model, a group's members, fallbacks; serve_app/routing/plan.py);
-admit and call run once per attempt until one answers (retries, fallbacks, cooldowns: docs/ARCHITECTURE.md,
-"Resilient routing").
+``prepare`` and ``present`` are the job's own: nothing for most, and for ``/v1/responses`` the
+translation to chat and back (serve_app/ingress/responses_api.py). ``route`` makes the request's plan (a
+model, a group's members, fallbacks; serve_app/routing/plan.py); admit and call run once per attempt
+until one answers (retries, fallbacks, cooldowns: docs/ARCHITECTURE.md, "Resilient routing").
 
 Routes only parse, build a ``Job`` (jobs.py) and render the ``Answer``; every step reads and writes the
 ``RequestContext`` it is handed. Each step is one method here, so a new one (a fallback, a retry, a
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from serve_app import metrics
@@ -29,25 +29,12 @@ from serve_app.fair_queue import GateLimits
 from serve_app.ingress import sse
 from serve_app.ingress.context import UNCLASSIFIED, RequestContext
 from serve_app.ingress.gateway import Gateway
-from serve_app.ingress.jobs import Job
+from serve_app.ingress.jobs import Answer, Job
 from serve_app.ingress.metering import Meter
 from serve_app.routing.plan import Failure, Plan, classify
 from serve_app.routing.router import AUTO_MODELS, Decision, Route
 
 T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class Answer:
-    """A JSON body, or a stream whose first chunk already arrived (so a failure before it is a status)."""
-
-    body: dict[str, Any] | None = None
-    first: dict[str, Any] | None = None
-    rest: AsyncIterator[dict[str, Any]] | None = None
-
-    @property
-    def streaming(self) -> bool:
-        return self.rest is not None
 
 
 class Pipeline:
@@ -70,10 +57,14 @@ class Pipeline:
 
     async def run(self, ctx: RequestContext, job: Job) -> Answer:
         await self._limit(ctx)
+        await job.prepare(self._gateway, ctx)
         plan = await self._route(ctx, job)
         if plan is None:  # /v1/classify: the decision is the answer
             assert ctx.decision is not None
             return Answer(job.answer(ctx.decision))
+        return await job.present(ctx, await self._answer(ctx, job, plan))
+
+    async def _answer(self, ctx: RequestContext, job: Job, plan: Plan) -> Answer:
         if (hit := await self._cache(ctx, job, plan)) is not None:
             return hit
         assert ctx.key is not None

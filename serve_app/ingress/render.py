@@ -13,14 +13,16 @@ from starlette.types import Receive, Scope, Send
 
 from serve_app.ingress import sse
 from serve_app.ingress.context import RequestContext
-from serve_app.ingress.pipeline import Answer
+from serve_app.ingress.jobs import Answer
 
 
 def render(ctx: RequestContext, answer: Answer) -> Response:
     if not answer.streaming:
         return JSONResponse(answer.body, headers=ctx.headers)
     assert answer.rest is not None
-    events = sse.event_stream(answer.first, answer.rest, model_id=ctx.model, request_id=ctx.request_id)
+    events = (sse.typed_event_stream(answer.first, answer.rest, request_id=ctx.request_id)
+              if answer.typed_events else
+              sse.event_stream(answer.first, answer.rest, model_id=ctx.model, request_id=ctx.request_id))
     ctx.headers["cache-control"] = "no-cache"
     return EventStreamResponse(events, headers=ctx.headers)
 

@@ -1,4 +1,6 @@
-"""Server-sent events in OpenAI's framing: ``data: {json}\\n\\n`` … ``data: [DONE]\\n\\n``."""
+"""Server-sent events in OpenAI's framing: ``data: {json}\\n\\n`` … ``data: [DONE]\\n\\n`` for chat and
+completions; for the Responses API's typed events, ``event: {type}\\ndata: {json}\\n\\n``, no
+``[DONE]``."""
 
 from __future__ import annotations
 
@@ -53,3 +55,25 @@ async def event_stream(first: dict[str, Any] | None, rest: AsyncIterator[dict[st
         yield encode(UpstreamError(f"the stream failed (request id {request_id})").to_body())
         return
     yield DONE
+
+
+def encode_typed(event: dict[str, Any]) -> bytes:
+    return (b"event: " + str(event.get("type", "message")).encode() + b"\ndata: "
+            + json.dumps(event, separators=(",", ":")).encode() + b"\n\n")
+
+
+async def typed_event_stream(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]], *,
+                             request_id: str) -> AsyncIterator[bytes]:
+    """Frame typed events. Their producer ends a failed stream with its own ``error`` event; this is
+    the backstop for anything it let through."""
+    try:
+        if first is not None:
+            yield encode_typed(first)
+        async for event in rest:
+            yield encode_typed(event)
+    except Exception as exc:
+        logger.exception("stream %s failed", request_id)
+        error = exc if isinstance(exc, IIRError) else UpstreamError(
+            f"the stream failed (request id {request_id})")
+        body = error.to_body()
+        yield encode_typed({"type": "error", **body["error"], **body})

@@ -178,6 +178,9 @@ class ProviderSpec(_Strict):
     # Requests in flight to this provider at once, per ingress replica; more wait in line by key
     # priority (serve_app/ingress/admission.py). Unset: no limit.
     max_concurrency: int | None = Field(None, ge=1)
+    # The provider serves OpenAI's Responses API (POST {base_url}/responses): /v1/responses requests for
+    # its models go to it as they came instead of being translated to chat completions.
+    responses_api: bool = False
     # List the provider's own models (GET {base_url}/models) at start and on registry refresh.
     discover: bool = False
     discover_prefixes: list[str] = Field(default_factory=list, description="keep only ids starting so")

@@ -23,7 +23,8 @@ def test_node_fetch_example(graph: Graph) -> None:
 
 def test_openai_js_sdk_example(graph: Graph, admin_headers: dict[str, str]) -> None:
     env = {**os.environ, "IIR_BASE_URL": graph.base_url,
-           "IIR_API_KEY": admin_headers["Authorization"].removeprefix("Bearer ")}
+           "IIR_API_KEY": admin_headers["Authorization"].removeprefix("Bearer "),
+           "IIR_REMOTE_MODEL": "fake/echo-chat"}
     done = subprocess.run(["node", str(REPO / "examples" / "openai_sdk.mjs")], env=env, capture_output=True,
                           text=True, timeout=120, check=False, cwd=REPO / "examples")
     assert done.returncode == 0, done.stderr
@@ -37,3 +38,14 @@ def test_openai_js_sdk_example(graph: Graph, admin_headers: dict[str, str]) -> N
     assert set(city) == {"name", "coastal"} and isinstance(city["coastal"], bool)
     assert result["toolFinish"] == "tool_calls" and result["toolCall"]["name"] == "get_weather"
     assert isinstance(json.loads(result["toolCall"]["arguments"])["city"], str)
+    responses = result["responses"]
+    assert responses["text"].strip() and responses["usage"]["output_tokens"] > 0
+    assert responses["followUp"]["previous"] is True and responses["followUp"]["text"].strip()
+    types = responses["eventTypes"]
+    assert types[0] == "response.created" and types[-1] in ("response.completed", "response.incomplete")
+    assert responses["streamed"].strip() and responses["helper"] == responses["streamed"]
+    assert set(responses["structured"]) == {"name", "coastal"}
+    assert isinstance(responses["structured"]["coastal"], bool)
+    assert responses["call"]["name"] == "get_weather"
+    assert isinstance(json.loads(responses["call"]["arguments"])["city"], str)
+    assert responses["remote"] == {"model": "fake/echo-chat", "text": "hello from javascript"}

@@ -143,3 +143,79 @@ def test_tool_call_from_the_local_model_with_the_sdk(client: OpenAI, stream: boo
         call = final.message.tool_calls[0]  # type: ignore[index]
         name, arguments = call.function.name, call.function.arguments
     assert name == "get_weather" and isinstance(json.loads(arguments)["city"], str)
+
+
+# --- the Responses API (client.responses) --------------------------------------------------------
+
+@pytest.mark.parametrize("model", [pytest.param("local/smollm2-135m", id="local"),
+                                   pytest.param("fake/echo-chat", id="remote"),
+                                   pytest.param("fake/echo-responses", id="pass-through")])
+def test_responses_create_and_continue(client: OpenAI, model: str) -> None:
+    first = client.responses.create(model=model, input="Say hi to Ada", instructions="Be brief.",
+                                    max_output_tokens=16, temperature=0)
+    assert first.object == "response" and first.model == model
+    assert first.status in ("completed", "incomplete") and first.output_text.strip()
+    assert first.usage is not None and 0 < first.usage.output_tokens <= 16
+    assert first.usage.total_tokens == first.usage.input_tokens + first.usage.output_tokens
+    second = client.responses.create(model=model, previous_response_id=first.id, max_output_tokens=8,
+                                     input=[{"role": "user", "content": "Again"}])
+    assert second.previous_response_id == first.id and second.output_text.strip()
+    # The second turn carried the first: more input tokens than its own words.
+    assert second.usage is not None and second.usage.input_tokens > first.usage.output_tokens
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+
+
+@pytest.mark.parametrize("model", [pytest.param("local/smollm2-135m", id="local"),
+                                   pytest.param("fake/echo-chat", id="remote"),
+                                   pytest.param("fake/echo-responses", id="pass-through")])
+def test_responses_stream_with_the_sdk_helper(client: OpenAI, model: str) -> None:
+    """``client.responses.stream`` checks the event protocol as it accumulates (created first, items
+    added before their deltas, one response id) and gives the final response."""
+    with client.responses.stream(model=model, input="Count to three", max_output_tokens=12,
+                                 temperature=0) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text and final.output_text.strip()
+    assert final.usage is not None and final.usage.output_tokens > 0
+    raw = list(client.responses.create(model=model, input="Count to three", max_output_tokens=12,
+                                       temperature=0, stream=True))
+    assert raw[0].type == "response.created" and raw[-1].type in ("response.completed",
+                                                                  "response.incomplete")
+    assert [e.sequence_number for e in raw] == list(range(len(raw)))
+
+
+@pytest.mark.parametrize("stream", [pytest.param(False, id="whole"), pytest.param(True, id="streamed")])
+def test_responses_structured_output_from_the_local_model(client: OpenAI, stream: bool) -> None:
+    kwargs: dict[str, Any] = {"model": "local/smollm2-135m", "max_output_tokens": 80, "temperature": 0,
+                              "input": "Tell me about Lisbon as a record.", "text_format": City}
+    if not stream:
+        city = client.responses.parse(**kwargs).output_parsed
+    else:
+        with client.responses.stream(**kwargs) as events:
+            city = events.get_final_response().output_parsed
+    assert isinstance(city, City)  # parsed and validated by the SDK (strict schema)
+
+
+@pytest.mark.parametrize("stream", [pytest.param(False, id="whole"), pytest.param(True, id="streamed")])
+def test_responses_function_call_from_the_local_model(client: OpenAI, stream: bool) -> None:
+    function = {"type": "function", **WEATHER_TOOL["function"]}  # type: ignore[dict-item]
+    kwargs: dict[str, Any] = {"model": "local/smollm2-135m", "max_output_tokens": 60, "temperature": 0,
+                              "tools": [function], "tool_choice": "required",
+                              "input": "What's the weather in Oslo?"}
+    if not stream:
+        response = client.responses.create(**kwargs)
+    else:
+        with client.responses.stream(**kwargs) as events:
+            response = events.get_final_response()
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather"
+    assert isinstance(json.loads(calls[0].arguments)["city"], str)
+    # The call's result goes back as an item; the model answers in text.
+    answer = client.responses.create(
+        model="local/smollm2-135m", previous_response_id=response.id, max_output_tokens=20, tools=[function],
+        tool_choice="none",
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny, 18 C"}])
+    assert answer.output_text.strip() and not [i for i in answer.output if i.type == "function_call"]

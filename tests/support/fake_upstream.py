@@ -8,6 +8,9 @@
     POST /v1/completions        the same for each prompt (OpenAI's default max_tokens of 16)
     POST /v1/embeddings         deterministic unit vectors from a hash of each text; float or base64
     POST /generic/echo          {"echo": <body>} (also as /v1/generic/echo)
+    POST /v1/responses          the Responses API, echo-style on the last user message's text, stream
+                                (typed events, no [DONE]) or not; each response says "served_by":
+                                "responses-api", so a test can tell a pass-through from a translation
 
 Replies are pure functions of the request, so tests can predict them. Knobs: ``api_key`` (require
 ``Authorization: Bearer <key>``), ``models`` (others get 404 model_not_found), ``first_byte_delay_s``,
@@ -237,7 +240,9 @@ class FakeUpstream:
     async def _send_stream(self, send: Send, chunks: Iterator[dict[str, Any]], fault: Fault) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        typed = False  # the Responses API's typed events end without [DONE]
         for sent, chunk in enumerate(chunks):
+            typed = "type" in chunk
             if sent == fault.cut_after:
                 raise _StreamCut
             if sent == fault.error_event_after:
@@ -252,7 +257,7 @@ class FakeUpstream:
         else:
             if fault.cut_after is not None:  # asked to cut after more chunks than there were
                 raise _StreamCut
-            if not fault.omit_done:
+            if not fault.omit_done and not typed:
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -317,6 +322,30 @@ class FakeUpstream:
     def _echo(self, body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
         return 200, {"echo": body}, {}
 
+    def _responses(self, body: dict[str, Any]) -> tuple[int, Any, dict[str, str]]:
+        items = body.get("input")
+        items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+        if not isinstance(items, list) or not items:
+            return 400, _error("'input' is required", "invalid_request_error", param="input"), {}
+        last_user = next((_text(i.get("content")) for i in reversed(items)
+                          if isinstance(i, dict) and i.get("role") == "user"), "")
+        words, finish = _reply_words(last_user, body.get("max_output_tokens"))
+        prompt_tokens = sum(len(_text(i.get("content")).split()) for i in items if isinstance(i, dict))
+        n = next(self._ids)
+        text = " ".join(words)
+        status = "completed" if finish == "stop" else "incomplete"
+        message = {"id": f"msg_fake{n}", "type": "message", "status": status, "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        response = {"id": f"resp_fake{n}", "object": "response", "created_at": int(time.time()),
+                    "status": status, "model": body.get("model"), "output": [message],
+                    "incomplete_details": None if finish == "stop" else {"reason": "max_output_tokens"},
+                    "served_by": "responses-api",
+                    "usage": {"input_tokens": prompt_tokens, "output_tokens": len(words),
+                              "total_tokens": prompt_tokens + len(words)}}
+        if body.get("stream"):
+            return 200, _response_events(response, words), {}
+        return 200, response, {}
+
     def _meta(self, body: dict[str, Any], obj: str) -> dict[str, Any]:
         prefix = "chatcmpl" if obj.startswith("chat") else "cmpl"
         return {"id": f"{prefix}-fake{next(self._ids)}", "object": obj, "created": int(time.time()),
@@ -330,8 +359,9 @@ _ROUTES: dict[tuple[str, str], Callable[[FakeUpstream, dict[str, Any]], tuple[in
     ("POST", "/v1/embeddings"): FakeUpstream._embeddings,
     ("POST", "/generic/echo"): FakeUpstream._echo,
     ("POST", "/v1/generic/echo"): FakeUpstream._echo,  # for providers whose base_url ends in /v1
+    ("POST", "/v1/responses"): FakeUpstream._responses,
 }
-_MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+_MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
 _BAD_JSON = object()
 _QUIET = _QuietStreamCut()
 
@@ -406,6 +436,29 @@ def _chat_chunks(meta: dict[str, Any], words: list[str], finish: str, body: dict
         yield {**base, "choices": [], "usage": _usage(prompt_tokens, len(words) * n)}
 
 
+def _response_events(response: dict[str, Any], words: list[str]) -> Iterator[dict[str, Any]]:
+    sequence = count()
+    message = response["output"][0]
+    opening = {**response, "status": "in_progress", "output": [], "usage": None}
+    yield {"type": "response.created", "response": opening, "sequence_number": next(sequence)}
+    yield {"type": "response.output_item.added", "output_index": 0, "sequence_number": next(sequence),
+           "item": {**message, "status": "in_progress", "content": []}}
+    yield {"type": "response.content_part.added", "item_id": message["id"], "output_index": 0,
+           "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []},
+           "sequence_number": next(sequence)}
+    for pos, word in enumerate(words):
+        yield {"type": "response.output_text.delta", "item_id": message["id"], "output_index": 0,
+               "content_index": 0, "delta": word if pos == 0 else f" {word}",
+               "sequence_number": next(sequence)}
+    yield {"type": "response.output_text.done", "item_id": message["id"], "output_index": 0,
+           "content_index": 0, "text": message["content"][0]["text"], "sequence_number": next(sequence)}
+    yield {"type": "response.content_part.done", "item_id": message["id"], "output_index": 0,
+           "content_index": 0, "part": message["content"][0], "sequence_number": next(sequence)}
+    yield {"type": "response.output_item.done", "output_index": 0, "item": message,
+           "sequence_number": next(sequence)}
+    yield {"type": f"response.{response['status']}", "response": response, "sequence_number": next(sequence)}
+
+
 def _completion_chunks(meta: dict[str, Any], replies: list[tuple[list[str], str]], body: dict[str, Any],
                        prompt_tokens: int) -> Iterator[dict[str, Any]]:
     def chunk(i: int, text: str, reason: str | None = None) -> dict[str, Any]:
@@ -451,4 +504,6 @@ async def _send_json(send: Send, status: int, payload: Any, headers: dict[str, s
 
 async def _send_event(send: Send, payload: dict[str, Any]) -> None:
     data = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    if "type" in payload:  # the Responses API names each event
+        data = b"event: " + str(payload["type"]).encode() + b"\n" + data
     await send({"type": "http.response.body", "body": data, "more_body": True})

@@ -8,12 +8,13 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from serve_app.errors import ModelNotFound
+from serve_app.errors import ModelNotFound, NotFound
 from serve_app.ingress.deps import Call, GatewayDep, InferenceKey, ModelCall
 from serve_app.ingress.fast_path import ModelRoute
 from serve_app.ingress.gateway import Gateway
-from serve_app.ingress.jobs import ClassifyJob, EmbedJob, GenerateJob, InferJob
+from serve_app.ingress.jobs import ClassifyJob, EmbedJob, GenerateJob, InferJob, ResponsesJob
 from serve_app.ingress.render import render
+from serve_app.ingress.stored_responses import StoredResponses
 from serve_app.registry.catalog import ModelGroup, ModelSpec
 from serve_app.schemas import (
     ChatCompletionRequest,
@@ -21,6 +22,7 @@ from serve_app.schemas import (
     CompletionRequest,
     EmbeddingRequest,
     InferRequest,
+    ResponsesRequest,
 )
 
 router = APIRouter()
@@ -33,6 +35,7 @@ MODEL_ROUTES: dict[str, ModelRoute] = {
     "/v1/embeddings": ModelRoute(EmbeddingRequest, lambda body, _: EmbedJob(body)),
     "/infer": ModelRoute(InferRequest, lambda body, _: InferJob(body)),
     "/v1/classify": ModelRoute(ClassifyRequest, lambda body, _: ClassifyJob(body)),
+    "/v1/responses": ModelRoute(ResponsesRequest, ResponsesJob),
 }
 
 
@@ -64,6 +67,29 @@ async def infer(body: InferRequest, call: Call) -> Response:
 @router.post("/v1/classify")
 async def classify(body: ClassifyRequest, call: Call) -> Response:
     return await _run("/v1/classify", body, call)
+
+
+@router.post("/v1/responses")
+async def create_response(body: ResponsesRequest, call: Call) -> Response:
+    return await _run("/v1/responses", body, call)
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, gateway: GatewayDep, key: InferenceKey) -> dict[str, Any]:
+    """A stored response, to the key that made it (serve_app/ingress/stored_responses.py)."""
+    return await _stored(gateway).response(key.id, response_id)
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, gateway: GatewayDep, key: InferenceKey) -> dict[str, Any]:
+    await _stored(gateway).delete(key.id, response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+def _stored(gateway: Gateway) -> StoredResponses:
+    if gateway.responses is None:
+        raise NotFound("stored responses are off here (IIR_RESPONSES_BACKEND=off)", param="response_id")
+    return gateway.responses
 
 
 @router.get("/v1/models")
