@@ -77,3 +77,5 @@ async def typed_event_stream(first: dict[str, Any] | None, rest: AsyncIterator[d
             f"the stream failed (request id {request_id})")
         body = error.to_body()
         yield encode_typed({"type": "error", **body["error"], **body})
+    finally:
+        await close(rest)

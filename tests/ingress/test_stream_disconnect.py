@@ -36,17 +36,20 @@ def in_flight(gateway: Gateway) -> int:
     return sum(gateway.in_flight._counts.values()) + model  # noqa: SLF001
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
 async def test_a_client_that_leaves_mid_stream_ends_it(gateway: Gateway, served: str,
-                                                        fake_upstream: FakeUpstream) -> None:
+                                                        fake_upstream: FakeUpstream, path: str) -> None:
     fake_upstream.chunk_delay_s = 0.2  # 40 words: 8 s, were it read to the end
     async with aiohttp.ClientSession() as http:
         r = await http.post(f"{served}/api/v1/apikeys", json={"description": "stream"})
         headers = {"Authorization": f"Bearer {(await r.json())['api_key']}"}
-        body = {"model": "fake/echo-chat", "stream": True, "max_tokens": 40,
-                "messages": [{"role": "user", "content": " ".join(["word"] * 40)}]}
-        response = await http.post(f"{served}/v1/chat/completions", json=body, headers=headers)
+        words = " ".join(["word"] * 40)
+        body = ({"model": "fake/echo-chat", "stream": True, "max_tokens": 40,
+                 "messages": [{"role": "user", "content": words}]} if path == "/v1/chat/completions" else
+                {"model": "fake/echo-chat", "stream": True, "max_output_tokens": 40, "input": words})
+        response = await http.post(f"{served}{path}", json=body, headers=headers)
         assert response.status == 200
-        assert (await response.content.readline()).startswith(b"data: ")
+        assert (await response.content.readline()).startswith(b"data: " if "chat" in path else b"event: ")
         assert in_flight(gateway) == 2
         response.close()  # the client leaves
         left = time.monotonic()
@@ -54,8 +57,9 @@ async def test_a_client_that_leaves_mid_stream_ends_it(gateway: Gateway, served:
             assert time.monotonic() - left < 2, "the stream went on without its client"
             await asyncio.sleep(0.02)
         # Served as before, streams and all.
-        body["max_tokens"] = 3
+        body["max_tokens" if "chat" in path else "max_output_tokens"] = 3
         fake_upstream.chunk_delay_s = 0.0
-        async with http.post(f"{served}/v1/chat/completions", json=body, headers=headers) as again:
+        async with http.post(f"{served}{path}", json=body, headers=headers) as again:
             text = await again.text()
-        assert again.status == 200 and text.rstrip().endswith("data: [DONE]")
+        ending = "data: [DONE]" if "chat" in path else '"type":"response.incomplete"'
+        assert again.status == 200 and ending in text.rstrip().rsplit("\n", 1)[-1]
