@@ -55,6 +55,8 @@ from tests.support.net import free_port, wait_ready  # noqa: E402
 UPSTREAM_KEY = "sk-upstream-bench"
 CHAT_BODY = {"messages": [{"role": "user", "content": "hello from the gateway benchmark please echo this"}],
              "max_tokens": 8}
+# The same question through /v1/responses (stored, as by default): translated to chat and back.
+RESPONSES_BODY = {"input": "hello from the gateway benchmark please echo this", "max_output_tokens": 8}
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,8 @@ async def _remote_steps(targets: list[Target], meter: CpuMeter, args: argparse.N
     plan += [("stream", True, c) for c in args.stream_concurrency]
     for scenario, stream, concurrency in plan:
         for target in targets:
+            if stream and target.body is not None:
+                continue  # typed events end without [DONE]: the stream steps time chat only
             result = await metered_step(meter, functools.partial(
                 run_step, target, CHAT_BODY, scenario=scenario, concurrency=concurrency,
                 duration_s=args.step_seconds, max_requests=args.max_requests, stream=stream,
@@ -214,6 +218,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        {"Authorization": f"Bearer {UPSTREAM_KEY}"}, "echo-1"),
                 Target("iir-proxy", f"{graph.base_url}/v1/chat/completions", headers, "fake/echo-chat"),
             ]
+            if args.responses:
+                targets.append(Target("iir-responses", f"{graph.base_url}/v1/responses", headers,
+                                      "fake/echo-chat", RESPONSES_BODY))
             ingress_url = ingress_port_url(meter) if args.throughput_optimized else None
             out["meta"]["ingress_port_url"] = ingress_url
             if ingress_url:
@@ -262,6 +269,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="ingress replicas behind port 8000 (the iir-ingress-port row uses one of them)")
     parser.add_argument("--no-throughput-optimized", dest="throughput_optimized", action="store_false",
                         help="RAY_SERVE_THROUGHPUT_OPTIMIZED=0 (Serve's defaults); non-stream c=1/16 only")
+    parser.add_argument("--responses", action="store_true",
+                        help="also time /v1/responses on port 8000 (non-streaming steps)")
     parser.add_argument("--step-seconds", type=float, default=6.0, help="timed length of each load step")
     parser.add_argument("--max-requests", type=int, default=3000, help="cap on requests per load step")
     parser.add_argument("--concurrency", type=int, nargs="+", default=None,

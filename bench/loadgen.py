@@ -73,9 +73,10 @@ def percentile(values: list[float], q: float) -> float:
 @dataclass(frozen=True)
 class Target:
     name: str
-    url: str  # full URL of the chat completions route
+    url: str  # full URL of the chat completions route (or of /v1/responses, with its own body)
     headers: dict[str, str]
     model: str
+    body: dict[str, Any] | None = None  # instead of the step's chat body
 
 
 class _SseCheck:
@@ -106,8 +107,9 @@ class _SseCheck:
 def _check(status: int, body: bytes) -> None:
     if status != 200:
         raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
-    if not json.loads(body).get("choices"):
-        raise RuntimeError(f"no choices: {body[:200]!r}")
+    answer = json.loads(body)
+    if not answer.get("choices") and not answer.get("output"):  # chat/completions, or a response
+        raise RuntimeError(f"no choices or output: {body[:200]!r}")
 
 
 async def _aiohttp_request(session: aiohttp.ClientSession, target: Target, payload: dict[str, Any],
@@ -160,7 +162,7 @@ async def _sender(kind: str, concurrency: int) -> AsyncIterator[Callable[..., Aw
 async def run_step(target: Target, body: dict[str, Any], *, scenario: str, concurrency: int,
                    duration_s: float, max_requests: int, stream: bool = False,
                    client: str = "aiohttp") -> StepResult:
-    payload = {**body, "model": target.model, "stream": stream}
+    payload = {**(target.body or body), "model": target.model, "stream": stream}
     async with _sender(client, concurrency) as send:
         # Warm-up: open every connection and let each hop's caches fill; not timed.
         warm = await asyncio.gather(*(send(target, payload, stream) for _ in range(concurrency * 2)),

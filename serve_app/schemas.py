@@ -147,7 +147,8 @@ class EmbeddingRequest(_Open):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    # The largest embeddings served today have 3,072; a bound keeps absurd values from reaching upstreams.
+    dimensions: int | None = Field(None, ge=1, le=16_384)
     user: str | None = None
 
     def texts(self) -> list[str]:

@@ -3,6 +3,7 @@ limit (before any body is parsed)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -16,6 +17,9 @@ from serve_app.ingress.context import RequestContext
 from serve_app.logs import in_serve_replica, log_request
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The access log's and metrics' status for a request cancelled before it was answered (nginx's "client
+# closed request"), rather than a 500 that would count the client's leaving as a server error.
+CLIENT_CLOSED = 499
 CONTEXT = "iir"  # scope["state"][CONTEXT]: the RequestContext, for the dependencies below
 
 
@@ -47,14 +51,14 @@ class RequestContextMiddleware:
         ctx = RequestContext(request_id)
         scope.setdefault("state", {})[CONTEXT] = ctx
         status = 500
-        streaming = False
+        started = streaming = False
         first_body: float | None = None
         echo = None if in_serve_replica() else (b"x-request-id", request_id.encode())
 
         async def timed_send(message: Message) -> None:
-            nonlocal status, streaming, first_body
+            nonlocal status, started, streaming, first_body
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 headers = message.setdefault("headers", [])
                 streaming = any(k == b"content-type" and v.startswith(b"text/event-stream")
                                 for k, v in headers)
@@ -66,6 +70,10 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, timed_send)
+        except asyncio.CancelledError:
+            if not started:
+                status = CLIENT_CLOSED  # cancelled before any answer (the client left): not a server error
+            raise
         finally:
             ctx.finish()
             ended = time.perf_counter()

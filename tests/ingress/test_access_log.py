@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -10,6 +12,7 @@ import httpx
 import pytest
 
 from serve_app.ingress.gateway import Gateway
+from tests.support.fake_upstream import FakeUpstream
 
 
 def log_lines(err: str) -> list[dict[str, Any]]:
@@ -58,3 +61,22 @@ async def test_streams_log_time_to_first_token(gateway: Gateway, client: httpx.A
     [line] = [x for x in log_lines(capsys.readouterr().err) if x["request_id"] == r.headers["x-request-id"]]
     assert 0 < line["ttft_ms"] <= line["latency_ms"]
     assert line["category"] == "creative" and line["cache"] == "bypass"
+
+
+async def test_a_request_cancelled_before_its_answer_is_logged_as_499(
+        client: httpx.AsyncClient, auth_headers: dict[str, str], fake_upstream: FakeUpstream,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The client left (Serve's proxy cancels the request): not a server error in logs and metrics."""
+    fake_upstream.first_byte_delay_s = 2.0
+    try:
+        capsys.readouterr()
+        body = {"model": "fake/echo-chat", "messages": [{"role": "user", "content": "slow"}]}
+        request = asyncio.create_task(client.post("/v1/chat/completions", headers=auth_headers, json=body))
+        await asyncio.sleep(0.3)
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+    finally:
+        fake_upstream.first_byte_delay_s = 0.0
+    lines = [line for line in log_lines(capsys.readouterr().err) if line["path"] == "/v1/chat/completions"]
+    assert [line["status"] for line in lines] == [499]
