@@ -10,7 +10,8 @@ Preemption ("recompute", as vLLM does it): when a higher priority class waits, t
 stops at its next token and queues again ahead of its peers. Its ``_Tracker`` keeps the completion tokens
 so far; when it runs again, ``TrackedLlama.generate`` hands llama-cpp-python those tokens as if just
 sampled (so detokenization, stop strings and ``max_tokens`` stay exact), then samples on after evaluating
-prompt + those tokens in one batch. A stream skips the text its client already has.
+prompt + those tokens in one batch. A stream skips the text its client already has. Log probabilities
+are kept on the tracker too, as each token is sampled (serve_app/engines/llama_logprobs.py).
 
 ``llama_cpp`` is imported when an engine is built, never at module import.
 """
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from serve_app.engines.base import EngineBase, new_id, now, usage
-from serve_app.engines.llama_requests import Call, Piece, choice, piece, plan, stream_chunk
+from serve_app.engines.llama_logprobs import LogprobReader, TokenLogprob, annotator
+from serve_app.engines.llama_requests import Call, Piece, choice, piece, plan, stream_chunk, text_offset
 from serve_app.engines.llama_tools import tool_calls
 from serve_app.engines.slots import RunSlots
 from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
@@ -63,6 +65,8 @@ class _Tracker:
     yield_now: threading.Event | None = None  # the current segment's slot asks it to stop
     preempted: bool = False  # the current segment stopped for ``yield_now``: its output is not the answer
     waited_s: float = 0.0  # in the engine's queue, over all segments (the class's budget applies to it)
+    top_logprobs: int | None = None  # alternatives per token; None: no logprobs, and no work for them
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token of ``tokens``
 
     @property
     def completion_tokens(self) -> int:
@@ -78,6 +82,7 @@ class _Tracker:
 @functools.cache
 def _tracked_llama_class() -> type[Any]:
     import llama_cpp
+    import numpy as np
 
     class TrackedLlama(llama_cpp.Llama):  # type: ignore[misc]
         """A ``Llama`` whose token loop reports to the current ``_Tracker``.
@@ -91,6 +96,11 @@ def _tracked_llama_class() -> type[Any]:
 
         tracker: _Tracker | None = None
         reuse_prefix = False
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._logprobs = LogprobReader(
+                self._n_vocab, lambda token, special: self._model.detokenize([token], special=special))
 
         def generate(  # type: ignore[override]
             self, tokens: Sequence[int], *args: Any, **kwargs: Any
@@ -117,9 +127,17 @@ def _tracked_llama_class() -> type[Any]:
                         tracker.preempted = True  # this token is dropped: the resumed run samples it again
                         return
                     tracker.tokens.append(token)
+                    if tracker.top_logprobs is not None:
+                        tracker.logprobs.append(self._logprob(token, tracker.top_logprobs))
                     yield token
             except _Yielded:
                 tracker.preempted = True  # stopped while reading the prompt
+
+        def _logprob(self, token: int, k: int) -> TokenLogprob:
+            # Until the next eval, the context's last row of logits is the one ``token`` was sampled from.
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1),
+                                           shape=(self._n_vocab,))
+            return self._logprobs.read(logits, token, k)
 
         def eval(self, tokens: Sequence[int]) -> None:
             tracker = self.tracker
@@ -177,19 +195,19 @@ class LlamaCppEngine(EngineBase):
         chat = isinstance(request, ChatCompletionRequest)
         results = [await self._generate_one(call, turn) for call in calls]
         pairs = list(zip(calls, results, strict=True))
-        prompt_tokens = {c.prompt_index: r["usage"]["prompt_tokens"] for c, r in pairs}
-        completion_tokens = sum(r["usage"]["completion_tokens"] for r in results)
+        prompt_tokens = {c.prompt_index: r["usage"]["prompt_tokens"] for c, (r, _) in pairs}
+        completion_tokens = sum(r["usage"]["completion_tokens"] for r, _ in results)
         return {
             "id": new_id("chatcmpl" if chat else "cmpl"),
             "object": "chat.completion" if chat else "text_completion",
             "created": now(),
             "model": self.model_name,
-            "choices": [choice(c, r["choices"][0], chat) for c, r in pairs],
+            "choices": [choice(c, r["choices"][0], chat, t.logprobs) for c, (r, t) in pairs],
             "usage": usage(sum(prompt_tokens.values()), completion_tokens),
         }
 
-    async def _generate_one(self, call: Call, turn: Turn) -> dict[str, Any]:
-        tracker = _Tracker(limit=call.options["max_tokens"])
+    async def _generate_one(self, call: Call, turn: Turn) -> tuple[dict[str, Any], _Tracker]:
+        tracker = _Tracker(limit=call.options["max_tokens"], top_logprobs=call.logprobs)
         work = functools.partial(self._with_model, tracker, functools.partial(call.start, stream=False))
         resuming = False
         while True:
@@ -201,7 +219,7 @@ class LlamaCppEngine(EngineBase):
                     await _stop(task, tracker)
             # A preempted segment's result is cut short: the resumed run produces the whole completion.
             if not tracker.preempted:
-                return result
+                return result, tracker
             resuming = True
 
     @contextlib.asynccontextmanager
@@ -229,18 +247,22 @@ class LlamaCppEngine(EngineBase):
             yield frame(index=0, role=True)
         prompt_tokens = completion_tokens = 0
         for call in calls:
-            tracker = _Tracker(limit=call.options["max_tokens"])
+            tracker = _Tracker(limit=call.options["max_tokens"], top_logprobs=call.logprobs)
+            annotate = _no_logprobs if call.logprobs is None else annotator(
+                tracker.logprobs, chat=chat, offset=text_offset(call))
             if call.echo:
                 yield frame(index=call.index, text=call.echo)
             # aclosing: when our consumer leaves, the inner generator must stop the model now, not whenever
             # it is garbage-collected.
             async with contextlib.aclosing(self._stream_one(call, turn, tracker)) as pieces:
                 if call.tools:
-                    async for chunk in _calls_or_text(pieces, functools.partial(frame, index=call.index)):
+                    async for chunk in _calls_or_text(pieces, functools.partial(frame, index=call.index),
+                                                      annotate):
                         yield chunk
                 else:
                     async for text, finish_reason in pieces:
-                        yield frame(index=call.index, text=text, finish_reason=finish_reason)
+                        yield frame(index=call.index, text=text, finish_reason=finish_reason,
+                                    logprobs=annotate(text))
             prompt_tokens += tracker.prompt_tokens
             completion_tokens += tracker.completion_tokens
         if request.include_usage:
@@ -347,30 +369,34 @@ class LlamaCppEngine(EngineBase):
                 self._llama = None
 
 
-async def _calls_or_text(pieces: AsyncIterator[Piece], frame: Callable[..., dict[str, Any]]
-                         ) -> AsyncIterator[dict[str, Any]]:
+def _no_logprobs(text: str) -> None:
+    return None
+
+
+async def _calls_or_text(pieces: AsyncIterator[Piece], frame: Callable[..., dict[str, Any]],
+                         annotate: Callable[[str], dict[str, Any] | None]) -> AsyncIterator[dict[str, Any]]:
     """A stream that may be a tool call: text streams as it comes once its first character says it is
     not a call (``{``); a call is held until whole and sent as one ``tool_calls`` delta, as the SDKs
-    accept, then ``finish_reason: "tool_calls"``."""
+    accept, then ``finish_reason: "tool_calls"``. Only text carries logprobs (``annotate``)."""
     held: list[str] = []
     finish: str | None = None
     text_started = False
     async for text, finish_reason in pieces:
         if text_started:
-            yield frame(text=text, finish_reason=finish_reason)
+            yield frame(text=text, finish_reason=finish_reason, logprobs=annotate(text))
             continue
         held.append(text)
         finish = finish_reason or finish
         start = "".join(held).lstrip()
         if start and not start.startswith("{"):
             text_started = True
-            yield frame(text="".join(held), finish_reason=finish_reason)
+            yield frame(text="".join(held), finish_reason=finish_reason, logprobs=annotate("".join(held)))
     if text_started:
         return
     whole = "".join(held)
     calls = tool_calls(whole)
     if calls is None:  # cut short by max_tokens: what there is, as text
-        yield frame(text=whole, finish_reason=finish)
+        yield frame(text=whole, finish_reason=finish, logprobs=annotate(whole))
         return
     first = frame()
     first["choices"][0]["delta"] = {"tool_calls": [{"index": 0, **call} for call in calls]}

@@ -8,10 +8,13 @@ from __future__ import annotations
 import functools
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from serve_app.engines.llama_logprobs import Cover, TokenLogprob, render
 from serve_app.engines.llama_tools import gbnf_for, message_text, tool_calls, tool_use
+from serve_app.engines.structured import requested_logprobs, response_schema
 from serve_app.errors import InvalidRequest, UnsupportedParameter
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
@@ -29,6 +32,7 @@ class Call:
     options: dict[str, Any]
     echo: str = ""
     tools: bool = False  # the answer may be a tool call (llama_tools.py)
+    logprobs: int | None = None  # alternatives per token when logprobs are asked for (llama_logprobs.py)
 
     def start(self, llama: Any, *, stream: bool) -> Any:
         if self.messages is not None:
@@ -45,14 +49,13 @@ class Call:
 # --- requests -------------------------------------------------------------------------------------------
 
 # Fields whose effect llama-cpp-python cannot reproduce here; refusing beats silently ignoring them.
-# (logprobs would need ``logits_all=True``, which slows every request; logit_bias goes through a custom
-# sampler that llama-cpp-python itself marks as probably broken.)
+# (logit_bias goes through a custom sampler that llama-cpp-python itself marks as probably broken.)
 _REFUSED = ("logit_bias", "functions", "audio", "prediction")
-_REFUSED_UNLESS_NONE = ("logprobs", "top_logprobs")
 
 
 def plan(request: GenerateRequest) -> list[Call]:
     _check_supported(request)
+    logprobs = requested_logprobs(request)
     options = _sampling(request)
     use = None
     if isinstance(request, ChatCompletionRequest):
@@ -69,10 +72,13 @@ def plan(request: GenerateRequest) -> list[Call]:
     else:
         inputs = [(None, prompt) for prompt in request.prompts()]
     echo = isinstance(request, CompletionRequest) and request.echo
+    if echo and logprobs is not None:
+        raise UnsupportedParameter("echo with logprobs needs the prompt's log probabilities, which this "
+                                   "model does not compute", param="echo")
     return [
         Call(index=p * request.n + j, prompt_index=p, messages=messages, prompt=prompt,
               options={**options, "seed": _seed(request.seed, j)}, echo=prompt if echo and prompt else "",
-              tools=use is not None)
+              tools=use is not None, logprobs=logprobs)
         for p, (messages, prompt) in enumerate(inputs)
         for j in range(request.n)
     ]
@@ -82,10 +88,6 @@ def _check_supported(request: GenerateRequest) -> None:
     extra = request.model_extra or {}
     for param in _REFUSED:
         if extra.get(param):
-            raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
-    for param in _REFUSED_UNLESS_NONE:
-        value = extra.get(param)
-        if value is not None and value is not False:  # logprobs=0 still asks for logprobs
             raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
     if extra.get("function_call") not in (None, "none", "auto"):
         raise UnsupportedParameter("function_call is not supported by this model; use tools",
@@ -103,32 +105,11 @@ def _constraint(request: ChatCompletionRequest) -> dict[str, Any]:
     """The llama-cpp-python options that hold the output to ``response_format``, enforced while
     sampling (a grammar), so every answer parses, streamed too; only ``max_tokens`` can cut it short
     (``finish_reason: "length"``, as OpenAI)."""
-    fmt = (request.model_extra or {}).get("response_format")
-    if fmt is None:
+    found = response_schema(request)
+    if found is None:
         return {}
-    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
-        raise InvalidRequest("response_format must be an object with a 'type'", param="response_format")
-    kind = fmt["type"]
-    if kind == "text":
-        return {}
-    if kind == "json_object":
-        return {"grammar": _compile(_schema_gbnf(_ANY_OBJECT, "response_format"))}
-    if kind != "json_schema":
-        raise UnsupportedParameter("response_format.type must be 'text', 'json_object' or 'json_schema'",
-                                   param="response_format.type")
-    spec = fmt.get("json_schema")
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise InvalidRequest("response_format.json_schema must be an object with a 'name'",
-                             param="response_format.json_schema")
-    schema = spec.get("schema")
-    if schema is None:
-        # a name and no schema: any JSON object
-        return {"grammar": _compile(_schema_gbnf(_ANY_OBJECT, "response_format"))}
-    if not isinstance(schema, dict):
-        raise InvalidRequest("response_format.json_schema.schema must be a JSON Schema object",
-                             param="response_format.json_schema.schema")
-    param = "response_format.json_schema.schema"
-    return {"grammar": _compile(_schema_gbnf(json.dumps(_holdable(schema, param), sort_keys=True), param))}
+    schema = json.dumps(_holdable(found.schema, found.param), sort_keys=True)
+    return {"grammar": _compile(_schema_gbnf(schema, found.param))}
 
 
 # JSON Schema keywords llama-cpp-python's grammar converter does not enforce: output "following" such a
@@ -139,7 +120,6 @@ _NOT_ENFORCED = frozenset({
     "if", "then", "else", "dependentRequired", "dependentSchemas", "minProperties", "maxProperties",
     "patternProperties", "propertyNames", "contains", "minContains", "maxContains",
     "unevaluatedProperties", "unevaluatedItems"})
-_ANY_OBJECT = json.dumps({"type": "object"})
 _SCHEMA_MAPS = ("properties", "$defs", "definitions")  # name → schema
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMAS = ("items", "additionalProperties")
@@ -254,17 +234,33 @@ def _with_system(messages: list[dict[str, str]], text: str) -> list[dict[str, st
     return [{"role": "system", "content": text}, *messages]
 
 
-def choice(call: Call, llama_choice: dict[str, Any], chat: bool) -> dict[str, Any]:
+def choice(call: Call, llama_choice: dict[str, Any], chat: bool,
+           tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """``tokens``: the completion's tokens with their log probabilities (when asked for)."""
     finish_reason = llama_choice["finish_reason"]
     if chat:
         content = llama_choice["message"]["content"] or ""
         if call.tools and (calls := tool_calls(content)) is not None:
+            # The call's JSON is rewritten (arguments re-serialized, an id added): no tokens spell it.
             message = {"role": "assistant", "content": None, "tool_calls": calls}
             return {"index": call.index, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
         return {"index": call.index, "message": {"role": "assistant", "content": content},
-                "logprobs": None, "finish_reason": finish_reason}
-    return {"index": call.index, "text": call.echo + llama_choice["text"], "logprobs": None,
-            "finish_reason": finish_reason}
+                "logprobs": choice_logprobs(call, tokens, content, chat=True), "finish_reason": finish_reason}
+    text = llama_choice["text"]
+    return {"index": call.index, "text": call.echo + text,
+            "logprobs": choice_logprobs(call, tokens, text, chat=False), "finish_reason": finish_reason}
+
+
+def choice_logprobs(call: Call, tokens: Sequence[TokenLogprob], text: str, *,
+                    chat: bool) -> dict[str, Any] | None:
+    if call.logprobs is None:
+        return None
+    return render(Cover(tokens, text_offset(call)).take(text), chat=chat)
+
+
+def text_offset(call: Call) -> int:
+    # The completions API counts text_offset from the start of the prompt, echoed or not.
+    return len(call.prompt or "")
 
 
 def piece(chunk: dict[str, Any]) -> Piece:
@@ -275,12 +271,13 @@ def piece(chunk: dict[str, Any]) -> Piece:
 
 
 def stream_chunk(*, chat: bool, id: str, created: int, model: str, index: int, text: str = "",
-           finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+           finish_reason: str | None = None, role: bool = False,
+           logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": index}
     if chat:
         choice["delta"] = {"role": "assistant"} if role else {"content": text} if text else {}
     else:
         choice["text"] = text
-    choice.update(logprobs=None, finish_reason=finish_reason)
+    choice.update(logprobs=logprobs, finish_reason=finish_reason)
     return {"id": id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice]}

@@ -221,3 +221,25 @@ def test_responses_function_call_from_the_local_model(client: OpenAI, stream: bo
         tool_choice="none",
         input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny, 18 C"}])
     assert answer.output_text.strip() and not [i for i in answer.output if i.type == "function_call"]
+
+
+def test_logprobs_from_the_local_model_chat_and_responses(client: OpenAI) -> None:
+    """Part 4: the local model's log probabilities, token for token with its text, through both APIs."""
+    choice = client.chat.completions.create(
+        model="local/smollm2-135m", max_tokens=8, temperature=0, logprobs=True, top_logprobs=3,
+        messages=[{"role": "user", "content": "What is 2+2? Answer with a number."}]).choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    tokens = choice.logprobs.content
+    assert "".join(t.token for t in tokens) == choice.message.content
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 3 for t in tokens)
+    response = client.responses.create(model="local/smollm2-135m", max_output_tokens=8, temperature=0,
+                                       top_logprobs=3, include=["message.output_text.logprobs"],
+                                       input="What is 2+2? Answer with a number.")
+    part = response.output[0].content[0]  # type: ignore[union-attr]
+    assert part.type == "output_text" and part.logprobs
+    assert "".join(t.token for t in part.logprobs) == part.text == choice.message.content
+    # Elsewhere, a clear 400 naming the parameter.
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="local/smollm2-135m", logprobs=True, top_logprobs=21,
+                                       messages=[{"role": "user", "content": "x"}])
+    assert bad.value.body["param"] == "top_logprobs"  # type: ignore[index]

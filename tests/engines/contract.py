@@ -200,7 +200,8 @@ async def check_n_choices(engine: InferenceEngine, requests: Requests) -> None:
 
 async def check_unsupported_parameters(engine: InferenceEngine, requests: Requests) -> None:
     """Parameters the engine cannot honour are refused by name, never silently ignored."""
-    for overrides, param in ((dict(logprobs=True), "logprobs"), (dict(logit_bias={"1": 5}), "logit_bias")):
+    for overrides, param in ((dict(prediction={"type": "content", "content": "x"}), "prediction"),
+                             (dict(logit_bias={"1": 5}), "logit_bias")):
         await expect_error(engine.generate(requests.chat(**overrides)), UnsupportedParameter, param)
     await expect_error(first_chunk(engine.stream(requests.chat(stream=True, n=2))), UnsupportedParameter, "n")
 

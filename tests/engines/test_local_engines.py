@@ -41,7 +41,6 @@ async def test_llama_contract(llama: LlamaCppEngine, check: contract.Check) -> N
 
 @needs_llama
 @pytest.mark.parametrize("overrides, param", [
-    pytest.param({"top_logprobs": 2}, "top_logprobs", id="top_logprobs"),
     pytest.param({"response_format": {"type": "xml"}}, "response_format.type", id="response-format-type"),
     pytest.param({"modalities": ["text", "audio"]}, "modalities", id="audio"),
     pytest.param({"functions": [{"name": "f", "parameters": {}}]}, "functions", id="functions"),
@@ -55,7 +54,6 @@ async def test_llama_refuses_chat_parameters(llama: LlamaCppEngine, overrides: d
 
 @needs_llama
 @pytest.mark.parametrize("overrides, param", [
-    pytest.param({"logprobs": 0}, "logprobs", id="logprobs-0"),
     pytest.param({"suffix": "end"}, "suffix", id="suffix"),
     pytest.param({"best_of": 3}, "best_of", id="best_of"),
 ])
