@@ -66,8 +66,33 @@ const callResponse = await respond({
     parameters: { type: "object", additionalProperties: false, required: ["city"],
       properties: { city: { type: "string", maxLength: 40 } } } }],
 });
+const cityEvents = client.responses.stream({
+  model, input: "Describe Lisbon as a record.", max_output_tokens: 60, temperature: 0,
+  text: { format: { type: "json_schema", name: "city", strict: true, schema: {
+    type: "object", additionalProperties: false, required: ["name", "coastal"],
+    properties: { name: { type: "string", maxLength: 40 }, coastal: { type: "boolean" } } } } },
+});
+const cityFromEvents = JSON.parse((await cityEvents.finalResponse()).output_text);
 const remoteModel = process.env.IIR_REMOTE_MODEL;
 const remote = remoteModel ? await respond({ model: remoteModel, input: "hello from javascript" }) : null;
+
+// The same two, streamed: the SDK's stream helpers accumulate them into a final completion.
+const cityStream = client.chat.completions.stream({
+  model, max_tokens: 60, temperature: 0,
+  messages: [{ role: "user", content: "Describe Lisbon as a record." }],
+  response_format: { type: "json_schema", json_schema: { name: "city", strict: true, schema: {
+    type: "object", additionalProperties: false, required: ["name", "coastal"],
+    properties: { name: { type: "string", maxLength: 40 }, coastal: { type: "boolean" } } } } },
+});
+const cityStreamed = JSON.parse((await cityStream.finalChatCompletion()).choices[0].message.content);
+const weatherStream = client.chat.completions.stream({
+  model, max_tokens: 60, temperature: 0, tool_choice: "required",
+  messages: [{ role: "user", content: "What's the weather in Oslo?" }],
+  tools: [{ type: "function", function: { name: "get_weather", description: "Current weather in a city",
+    parameters: { type: "object", additionalProperties: false, required: ["city"],
+      properties: { city: { type: "string", maxLength: 40 } } } } }],
+});
+const weatherStreamed = (await weatherStream.finalChatCompletion()).choices[0];
 
 let notFound = null;
 try {
@@ -85,6 +110,9 @@ console.log(JSON.stringify({
   structured: JSON.parse(city.choices[0].message.content),
   toolCall: weather.choices[0].message.tool_calls[0].function,
   toolFinish: weather.choices[0].finish_reason,
+  structuredStreamed: cityStreamed,
+  toolCallStreamed: weatherStreamed.message.tool_calls[0].function,
+  toolFinishStreamed: weatherStreamed.finish_reason,
   notFound,
   responses: {
     text: response.output_text,
@@ -94,6 +122,7 @@ console.log(JSON.stringify({
     streamed: responseStreamed,
     helper: helperFinal.output_text,
     structured: JSON.parse(cityResponse.output_text),
+    structuredStreamed: cityFromEvents,
     call: callResponse.output.find((item) => item.type === "function_call"),
     remote: remote && { model: remote.model, text: remote.output_text },
   },

@@ -14,7 +14,12 @@ from typing import Any
 
 from serve_app.engines.llama_logprobs import Cover, TokenLogprob, render
 from serve_app.engines.llama_tools import gbnf_for, message_text, tool_calls, tool_use
-from serve_app.engines.structured import requested_logprobs, response_schema
+from serve_app.engines.structured import (
+    refuse_unsupported,
+    refuse_unsupported_message,
+    requested_logprobs,
+    response_schema,
+)
 from serve_app.errors import InvalidRequest, UnsupportedParameter
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
@@ -54,7 +59,7 @@ _REFUSED = ("logit_bias", "functions", "audio", "prediction")
 
 
 def plan(request: GenerateRequest) -> list[Call]:
-    _check_supported(request)
+    refuse_unsupported(request, _REFUSED)
     logprobs = requested_logprobs(request)
     options = _sampling(request)
     use = None
@@ -82,23 +87,6 @@ def plan(request: GenerateRequest) -> list[Call]:
         for p, (messages, prompt) in enumerate(inputs)
         for j in range(request.n)
     ]
-
-
-def _check_supported(request: GenerateRequest) -> None:
-    extra = request.model_extra or {}
-    for param in _REFUSED:
-        if extra.get(param):
-            raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
-    if extra.get("function_call") not in (None, "none", "auto"):
-        raise UnsupportedParameter("function_call is not supported by this model; use tools",
-                                   param="function_call")
-    if extra.get("modalities") not in (None, ["text"]):
-        raise UnsupportedParameter("this model only produces text", param="modalities")
-    if isinstance(request, CompletionRequest):
-        if request.suffix:
-            raise UnsupportedParameter("suffix needs an infill model", param="suffix")
-        if extra.get("best_of") not in (None, 1, request.n):
-            raise UnsupportedParameter("best_of is not supported by this model", param="best_of")
 
 
 def _constraint(request: ChatCompletionRequest) -> dict[str, Any]:
@@ -212,11 +200,7 @@ def _messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
     out = []
     for m in request.messages:
         extra = m.model_extra or {}
-        if m.role == "function" or extra.get("function_call"):
-            raise UnsupportedParameter("function messages are not supported by this model; use tools",
-                                       param="messages")
-        if isinstance(m.content, list) and any(part.get("type") != "text" for part in m.content):
-            raise UnsupportedParameter("this model accepts text content only", param="messages")
+        refuse_unsupported_message(m)
         if m.role == "tool" or extra.get("tool_calls"):
             role, content = message_text(m)
             out.append({"role": role, "content": content})

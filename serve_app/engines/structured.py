@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve_app.errors import InvalidRequest, UnsupportedParameter
-from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from serve_app.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerateRequest
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -238,3 +238,31 @@ def requested_logprobs(request: GenerateRequest) -> int | None:
 
 def _count(value: Any, most: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
+
+
+def refuse_unsupported(request: GenerateRequest, refused: tuple[str, ...]) -> None:
+    """Parameters a local engine cannot honour (``refused``, and those neither engine does) are a 400
+    naming them, never silently ignored."""
+    extra = request.model_extra or {}
+    for param in refused:
+        if extra.get(param):
+            raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
+    if extra.get("function_call") not in (None, "none", "auto"):
+        raise UnsupportedParameter("function_call is not supported by this model; use tools",
+                                   param="function_call")
+    if extra.get("modalities") not in (None, ["text"]):
+        raise UnsupportedParameter("this model only produces text", param="modalities")
+    if isinstance(request, CompletionRequest):
+        if request.suffix:
+            raise UnsupportedParameter("suffix needs an infill model", param="suffix")
+        if extra.get("best_of") not in (None, 1, request.n):
+            raise UnsupportedParameter("best_of is not supported by this model", param="best_of")
+
+
+def refuse_unsupported_message(message: ChatMessage) -> None:
+    """Messages of the legacy Functions API, and content parts other than text, are a 400."""
+    if message.role == "function" or (message.model_extra or {}).get("function_call"):
+        raise UnsupportedParameter("function messages are not supported by this model; use tools",
+                                   param="messages")
+    if isinstance(message.content, list) and any(part.get("type") != "text" for part in message.content):
+        raise UnsupportedParameter("this model accepts text content only", param="messages")

@@ -31,6 +31,8 @@ from serve_app.engines.structured import (
     arguments,
     chat_constraints,
     message_text,
+    refuse_unsupported,
+    refuse_unsupported_message,
     requested_logprobs,
     tool_calls,
 )
@@ -58,7 +60,7 @@ class Plan:
 
 def plan(request: GenerateRequest, *, template_tools: bool = False) -> Plan:
     """``template_tools``: the model's chat template renders ``tools`` (and tool turns)."""
-    _check_supported(request)
+    refuse_unsupported(request, _REFUSED)
     logprobs = requested_logprobs(request)
     sampling = _sampling(request, logprobs)
     if isinstance(request, CompletionRequest):
@@ -82,23 +84,6 @@ def plan(request: GenerateRequest, *, template_tools: bool = False) -> Plan:
             messages = _with_system(messages, use.system)
     return Plan(sampling=sampling, messages=messages, tools=tools, tool_use=use is not None,
                 logprobs=logprobs, constraint_param=param)
-
-
-def _check_supported(request: GenerateRequest) -> None:
-    extra = request.model_extra or {}
-    for param in _REFUSED:
-        if extra.get(param):
-            raise UnsupportedParameter(f"{param} is not supported by this model", param=param)
-    if extra.get("function_call") not in (None, "none", "auto"):
-        raise UnsupportedParameter("function_call is not supported by this model; use tools",
-                                   param="function_call")
-    if extra.get("modalities") not in (None, ["text"]):
-        raise UnsupportedParameter("this model only produces text", param="modalities")
-    if isinstance(request, CompletionRequest):
-        if request.suffix:
-            raise UnsupportedParameter("suffix needs an infill model", param="suffix")
-        if extra.get("best_of") not in (None, 1, request.n):
-            raise UnsupportedParameter("best_of is not supported by this model", param="best_of")
 
 
 def _sampling(request: GenerateRequest, logprobs: int | None) -> dict[str, Any]:
@@ -146,11 +131,7 @@ def _messages(request: ChatCompletionRequest, *, native: bool) -> list[dict[str,
     out: list[dict[str, Any]] = []
     for m in request.messages:
         extra = m.model_extra or {}
-        if m.role == "function" or extra.get("function_call"):
-            raise UnsupportedParameter("function messages are not supported by this model; use tools",
-                                       param="messages")
-        if isinstance(m.content, list) and any(part.get("type") != "text" for part in m.content):
-            raise UnsupportedParameter("this model accepts text content only", param="messages")
+        refuse_unsupported_message(m)
         if not native and (m.role == "tool" or extra.get("tool_calls")):
             role, content = message_text(m)
             out.append({"role": role, "content": content})

@@ -29,7 +29,7 @@ from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedPara
 from serve_app.fair_queue import Turn
 from serve_app.ingress import responses_api
 from serve_app.ingress.metering import with_stream_usage
-from serve_app.ingress.sse import close as close_stream
+from serve_app.ingress.sse import chained
 from serve_app.routing.classifier import Conversation
 from serve_app.routing.router import AUTO_MODELS, Decision, Route
 from serve_app.schemas import (
@@ -228,41 +228,20 @@ class ResponsesJob(Job):
             response["store"] = await self._keep(response)
             return Answer(response)
         assert answer.rest is not None
-        chunks = _chained(answer.first, answer.rest)
+        chunks = chained(answer.first, answer.rest)
         if answer.first is not None and "type" in answer.first:  # a provider's own events
             events = responses_api.passed_through_events(echo, self._keep, chunks)
             first = await anext(events, None)
             return Answer(None, first, events, typed_events=True)
         translator = responses_api.ResponseEvents(echo, self._keep)
         created, in_progress = translator.opening()
-        return Answer(None, created, _prefixed(in_progress, translator.translate(chunks)), typed_events=True)
+        return Answer(None, created, chained(in_progress, translator.translate(chunks)), typed_events=True)
 
     async def _keep(self, response: dict[str, Any]) -> bool:
         if not self.body.store or self._stored is None:
             return False
         return await self._stored.keep(self._key_id, response,
                                        [*self._history, *responses_api.input_items(self.body)])
-
-
-async def _chained(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]]
-                   ) -> AsyncIterator[dict[str, Any]]:
-    try:
-        if first is not None:
-            yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        await close_stream(rest)  # gives the model slot back now if the client left
-
-
-async def _prefixed(head: dict[str, Any], rest: AsyncIterator[dict[str, Any]]
-                    ) -> AsyncIterator[dict[str, Any]]:
-    try:
-        yield head
-        async for item in rest:
-            yield item
-    finally:
-        await close_stream(rest)
 
 
 class EmbedJob(Job):

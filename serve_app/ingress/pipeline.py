@@ -211,7 +211,9 @@ class Pipeline:
 
         route, (first, rest) = await self._attempts(ctx, plan, first_chunk)
         # 7-8. meter and store, as the stream passes
-        chunks = self._meter(ctx, route.spec.id).stream(_finishing(first, rest, ctx),
+        # The model slot and its in-flight count are given back when the stream ends (and, failing
+        # that, when the request ends).
+        chunks = self._meter(ctx, route.spec.id).stream(sse.chained(first, rest, on_end=ctx.release_model),
                                                        strip_usage=not job.client_wants_usage)
         cache = self._gateway.cache
         if cache is not None and ctx.cache_lookup is not None and not ctx.fallback:
@@ -235,20 +237,6 @@ class Pipeline:
         cache = self._gateway.cache
         if cache is not None and ctx.cache_lookup is not None and not ctx.fallback:
             cache.put_later(ctx.cache_lookup, entry, ctx.cache.probe if ctx.cache else None)
-
-
-async def _finishing(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]],
-                     ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
-    """The stream from its first chunk; the model slot and its in-flight count are given back when it
-    ends (and, failing that, when the request ends)."""
-    try:
-        if first is not None:
-            yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        ctx.release_model()
-        await sse.close(rest)
 
 
 def _as_error(exc: Exception, model_id: str, timeout_s: float) -> IIRError:

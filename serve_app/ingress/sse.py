@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from serve_app.errors import IIRError, UpstreamError
@@ -24,6 +24,21 @@ async def close(chunks: AsyncIterator[Any]) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+async def chained(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, Any]], *,
+                  on_end: Callable[[], None] | None = None) -> AsyncIterator[dict[str, Any]]:
+    """The stream from its first chunk (already pulled); when it ends, however it ends, ``on_end`` runs
+    and ``rest`` is closed now (a client that left gives the model back at once)."""
+    try:
+        if first is not None:
+            yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        if on_end is not None:
+            on_end()
+        await close(rest)
 
 
 async def first_and_rest(chunks: AsyncIterator[dict[str, Any]]) -> tuple[dict[str, Any] | None,

@@ -36,16 +36,20 @@ def test_openai_js_sdk_example(graph: Graph, admin_headers: dict[str, str]) -> N
     assert result["notFound"] == {"status": 404, "code": "model_not_found"}
     city = result["structured"]  # held to its schema: exactly these keys, a boolean
     assert set(city) == {"name", "coastal"} and isinstance(city["coastal"], bool)
-    assert result["toolFinish"] == "tool_calls" and result["toolCall"]["name"] == "get_weather"
-    assert isinstance(json.loads(result["toolCall"]["arguments"])["city"], str)
+    for suffix in ("", "Streamed"):
+        assert result[f"toolFinish{suffix}"] == "tool_calls"
+        call = result[f"toolCall{suffix}"]
+        assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"])["city"], str)
+    streamed = result["structuredStreamed"]
+    assert set(streamed) == {"name", "coastal"} and isinstance(streamed["coastal"], bool)
     responses = result["responses"]
     assert responses["text"].strip() and responses["usage"]["output_tokens"] > 0
     assert responses["followUp"]["previous"] is True and responses["followUp"]["text"].strip()
     types = responses["eventTypes"]
     assert types[0] == "response.created" and types[-1] in ("response.completed", "response.incomplete")
     assert responses["streamed"].strip() and responses["helper"] == responses["streamed"]
-    assert set(responses["structured"]) == {"name", "coastal"}
-    assert isinstance(responses["structured"]["coastal"], bool)
+    for city in (responses["structured"], responses["structuredStreamed"]):
+        assert set(city) == {"name", "coastal"} and isinstance(city["coastal"], bool)
     assert responses["call"]["name"] == "get_weather"
     assert isinstance(json.loads(responses["call"]["arguments"])["city"], str)
     assert responses["remote"] == {"model": "fake/echo-chat", "text": "hello from javascript"}
