@@ -15,6 +15,11 @@ What it does, bounded in time (about 4 minutes with the defaults, plus LiteLLM's
 4. prints req/s, added p50 over the upstream alone, and gateway CPU per request, then the ratio
    IIR / LiteLLM per load (medians over rounds).
 
+``--api responses`` times ``POST /v1/responses`` instead (non-streaming, c=1/16/64, ``store: false``
+so neither gateway writes a stored response): LiteLLM passes it to the upstream's own Responses API
+(its ``openai/`` provider speaks it), and IIR both passes it through (``fake/echo-responses``, a
+provider with ``responses_api: true``) and translates it to chat (``fake/echo-chat``).
+
 Everything listens on 127.0.0.1 only. Results and the exact command go in docs/PERFORMANCE.md.
 """
 
@@ -58,6 +63,9 @@ BODY = {"messages": [{"role": "user", "content": "hello from the peer benchmark 
         "max_tokens": 16}
 NO_STORE = {"Cache-Control": "no-store"}
 LOADS = [("chat", False, 1), ("chat", False, 16), ("chat", False, 64), ("stream", True, 1)]
+RESPONSES_BODY = {"input": "hello from the peer benchmark please echo this", "max_output_tokens": 16,
+                  "store": False}
+RESPONSES_LOADS = [("responses", False, 1), ("responses", False, 16), ("responses", False, 64)]
 
 
 def ensure_litellm() -> Path:
@@ -137,7 +145,7 @@ async def run_rounds(targets: list[Target], litellm_pid: int, meter: CpuMeter,
                      args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for round_no in range(1, args.rounds + 1):
-        for scenario, stream, concurrency in LOADS:
+        for scenario, stream, concurrency in _loads(args):
             for target in targets:
                 step = functools.partial(run_step, target, BODY, scenario=scenario, concurrency=concurrency,
                                          duration_s=args.step_seconds, max_requests=args.max_requests,
@@ -176,10 +184,15 @@ async def iir_only_rounds(base_url: str, headers: dict[str, str], args: argparse
     return out
 
 
-def summary(rows: list[dict[str, Any]], direct: dict[tuple[str, int], float]) -> str:
+def _loads(args: argparse.Namespace) -> list[tuple[str, bool, int]]:
+    return RESPONSES_LOADS if args.api == "responses" else LOADS
+
+
+def summary(rows: list[dict[str, Any]], direct: dict[tuple[str, int], float],
+            loads: list[tuple[str, bool, int]]) -> str:
     lines = ["| load | target | req/s | added p50 ms | CPU ms/req | req/s ÷ LiteLLM |",
              "|---|---|---|---|---|---|"]
-    for scenario, _, concurrency in LOADS:
+    for scenario, _, concurrency in loads:
         mine = [r for r in rows if (r["scenario"], r["concurrency"]) == (scenario, concurrency)]
         med = {name: {k: statistics.median(r[k] for r in mine if r["target"] == name)
                       for k in ("rps", "p50_ms", "cpu_ms_per_req")}
@@ -195,9 +208,10 @@ def summary(rows: list[dict[str, Any]], direct: dict[tuple[str, int], float]) ->
 async def measure_direct(upstream_url: str, args: argparse.Namespace) -> dict[tuple[str, int], float]:
     """The upstream alone at each load: what 'added p50' is measured against."""
     auth = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
-    target = Target("direct", f"{upstream_url}/chat/completions", auth, "echo-1")
+    path, body = ("responses", RESPONSES_BODY) if args.api == "responses" else ("chat/completions", None)
+    target = Target("direct", f"{upstream_url}/{path}", auth, "echo-1", body)
     out = {}
-    for scenario, stream, concurrency in LOADS:
+    for scenario, stream, concurrency in _loads(args):
         result = await run_step(target, BODY, scenario=scenario, concurrency=concurrency,
                                 duration_s=min(3.0, args.step_seconds), max_requests=args.max_requests,
                                 stream=stream)
@@ -213,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-requests", type=int, default=3000, help="cap per step")
     parser.add_argument("--ingress-replicas", type=int, default=1,
                         help="ingress replicas behind port 8000 (the ingress-port row uses one of them)")
+    parser.add_argument("--api", choices=("chat", "responses"), default="chat",
+                        help="what to time: chat completions (and streams), or /v1/responses")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     ensure_litellm()
@@ -229,19 +245,34 @@ def main(argv: list[str] | None = None) -> int:
             meter = CpuMeter(exclude_pids={upstream.pid, *tree_pids(litellm_pid)},
                              upstream_pid=upstream.pid)
             meter.measure_idle(3.0)
-            targets = [
-                Target("litellm", f"{litellm_url}/v1/chat/completions",
-                       {"Authorization": f"Bearer {MASTER_KEY}", **NO_STORE}, "echo"),
-                Target("iir-8000", f"{graph.base_url}/v1/chat/completions", {**headers, **NO_STORE},
-                       "fake/echo-chat"),
-            ]
-            if (ingress := ingress_port_url(meter)) is not None:
-                targets.append(Target("iir-ingress-port", f"{ingress}/v1/chat/completions",
-                                      {**headers, **NO_STORE}, "fake/echo-chat"))
+            peer_auth = {"Authorization": f"Bearer {MASTER_KEY}", **NO_STORE}
+            if args.api == "responses":
+                targets = [
+                    Target("litellm", f"{litellm_url}/v1/responses", peer_auth, "echo", RESPONSES_BODY),
+                    Target("iir-8000-pass", f"{graph.base_url}/v1/responses", {**headers, **NO_STORE},
+                           "fake/echo-responses", RESPONSES_BODY),
+                    Target("iir-8000-chat", f"{graph.base_url}/v1/responses", {**headers, **NO_STORE},
+                           "fake/echo-chat", RESPONSES_BODY),
+                ]
+            else:
+                targets = [
+                    Target("litellm", f"{litellm_url}/v1/chat/completions", peer_auth, "echo"),
+                    Target("iir-8000", f"{graph.base_url}/v1/chat/completions", {**headers, **NO_STORE},
+                           "fake/echo-chat"),
+                ]
+                if (ingress := ingress_port_url(meter)) is not None:
+                    targets.append(Target("iir-ingress-port", f"{ingress}/v1/chat/completions",
+                                          {**headers, **NO_STORE}, "fake/echo-chat"))
             direct = asyncio.run(measure_direct(upstream.base_url, args))
             rows = asyncio.run(run_rounds(targets, litellm_pid, meter, args))
-            extra = asyncio.run(iir_only_rounds(graph.base_url, headers, args))
-    table = summary(rows, direct)
+            extra = asyncio.run(iir_only_rounds(graph.base_url, headers, args)) if args.api == "chat" else {}
+    table = summary(rows, direct, _loads(args))
+    if not extra:
+        print("\n" + table)
+        if args.json:
+            args.json.write_text(json.dumps({"litellm": LITELLM_VERSION, "rows": rows, "table": table},
+                                            indent=1))
+        return 0
     median = {name: statistics.median(p50s) for name, p50s in extra.items()}
     table += (f"\n\nPort 8000, c=1, p50 over rounds {extra}:\n"
               f"- exact cache hit: {median['cache-hit']:.1f} ms end to end\n"
