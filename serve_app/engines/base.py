@@ -47,6 +47,9 @@ class EngineBase:
     """Defaults for the operations a backend does not offer."""
 
     name = "engine"
+    # Whether /v1/responses requests go to the backend as they came (``respond``/``respond_stream``):
+    # only a remote provider with ``responses_api: true``. The others are sent the request as chat.
+    speaks_responses = False
 
     async def generate(self, request: GenerateRequest, turn: Turn = NO_TURN) -> dict[str, Any]:
         raise InvalidRequest(f"model {request.model!r} does not support text generation", param="model")

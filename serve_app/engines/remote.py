@@ -131,7 +131,6 @@ class RemoteEngine(EngineBase):
         self._has_key = bool(api_key)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
-        # /v1/responses requests pass through to this upstream's own Responses API (respond below).
         self.speaks_responses = responses_api and not self._endpoint
 
     @classmethod

@@ -200,7 +200,7 @@ class ResponsesJob(Job):
         return body
 
     async def call(self, route: Route, turn: Turn) -> dict[str, Any]:
-        if getattr(route.engine, "speaks_responses", False):
+        if _speaks_responses(route):
             respond = route.engine.respond  # type: ignore[attr-defined]
             return await respond(self._as_sent(route))  # type: ignore[no-any-return]
         result = await route.engine.generate(self._chat_for(route), turn)
@@ -208,7 +208,7 @@ class ResponsesJob(Job):
         return result
 
     def stream(self, route: Route, turn: Turn) -> AsyncIterator[dict[str, Any]]:
-        if getattr(route.engine, "speaks_responses", False):
+        if _speaks_responses(route):
             respond_stream = route.engine.respond_stream  # type: ignore[attr-defined]
             return respond_stream(self._as_sent(route))  # type: ignore[no-any-return]
         return route.engine.stream(with_stream_usage(self._chat_for(route)), turn)
@@ -242,6 +242,11 @@ class ResponsesJob(Job):
             return False
         return await self._stored.keep(self._key_id, response,
                                        [*self._history, *responses_api.input_items(self.body)])
+
+
+def _speaks_responses(route: Route) -> bool:
+    # EngineBase.speaks_responses; a local model behind a Serve handle (ReplicaEngine) never does.
+    return bool(getattr(route.engine, "speaks_responses", False))
 
 
 class EmbedJob(Job):
