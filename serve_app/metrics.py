@@ -169,6 +169,10 @@ CACHE_LOOKUPS = Counter("iir_cache_lookups",
 CACHE_ERRORS = Counter("iir_cache_errors", "Cache backends failing or timing out (requests then go on)",
                        ("backend",))
 
+STORED_RESPONSES = Counter("iir_stored_responses",
+                           "Responses API answers asked to be stored: stored, too_large (over "
+                           "IIR_RESPONSES_MAX_BYTES) or unavailable (the store is away)", ("outcome",))
+
 # -- routing ----------------------------------------------------------------------------------------
 CLASSIFIER_DECISIONS = Counter("iir_classifier_decisions", "model: auto, by category and chosen model",
                                ("category", "model"))

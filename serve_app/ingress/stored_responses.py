@@ -17,6 +17,7 @@ import json
 import logging
 from typing import Any
 
+from serve_app import metrics
 from serve_app.cache.exact import ResponseStore
 from serve_app.errors import InvalidRequest, NotFound, ServiceUnavailable
 
@@ -39,11 +40,13 @@ class StoredResponses:
         if len(raw) > self._max_bytes:
             logger.info("response %s not stored: %d bytes, over IIR_RESPONSES_MAX_BYTES", response["id"],
                         len(raw))
+            metrics.STORED_RESPONSES.inc(outcome="too_large")
             return False
-        if not self._store.available:
-            return False
-        await self._store.set(PREFIX + response["id"], raw, self._ttl_s)
-        return self._store.available  # a failed write has marked the store unavailable
+        if self._store.available:
+            await self._store.set(PREFIX + response["id"], raw, self._ttl_s)
+        stored = self._store.available  # a failed write has marked the store unavailable
+        metrics.STORED_RESPONSES.inc(outcome="stored" if stored else "unavailable")
+        return stored
 
     async def conversation(self, key_id: str, response_id: str) -> list[Item]:
         """The items a new turn continues from; 400 for an id this key does not have."""

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from serve_app.ingress.gateway import Gateway
+from serve_app.routing.classifier import EmbeddingClassifier
+from serve_app.settings import Settings
+from tests.conftest import write_configs
+from tests.ingress.conftest import serving
 from tests.support.fake_upstream import FakeUpstream, expected_reply
+from tests.support.net import free_port
 
 
 async def create(client: httpx.AsyncClient, headers: dict[str, str], **body: Any) -> httpx.Response:
@@ -267,3 +273,28 @@ async def test_no_key_no_response(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/responses", json={"model": "fake/echo-chat", "input": "hi"})
     assert r.status_code == 401
     assert (await client.get("/v1/responses/resp_x")).status_code == 401
+
+
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+async def test_the_store_without_redis(tmp_path: Path, fake_upstream: FakeUpstream,
+                                       prompt_classifier: EmbeddingClassifier,
+                                       monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """Redis away: with the Redis store a response is still answered, says it was not stored, and
+    continuing it is a 503 to retry (not an answer without its context); the in-process store keeps
+    conversations without Redis."""
+    monkeypatch.setenv("IIR_TEST_UPSTREAM_KEY", str(fake_upstream.api_key))
+    configs = write_configs(tmp_path, fake_upstream.base_url, local=False)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'keys.db'}",
+                        redis_url=f"redis://127.0.0.1:{free_port()}/0", responses_backend=backend, **configs)
+    async with serving(settings, prompt_classifier) as (_, client):
+        headers = await new_key(client)
+        first = await create(client, headers, input="remember me")
+        assert first.status_code == 200, first.text
+        assert first.json()["store"] is (backend == "memory")
+        again = await create(client, headers, input="and now", previous_response_id=first.json()["id"])
+        if backend == "memory":
+            assert again.status_code == 200, again.text
+        else:
+            assert again.status_code == 503
+            assert again.json()["error"]["code"] == "response_store_unavailable"
+            assert again.headers["retry-after"] == "5"
