@@ -46,7 +46,9 @@ def invalid_body(errors: list[Any]) -> InvalidRequest:
     first: dict[str, Any] = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return InvalidRequest("the request body is not valid JSON", code="invalid_json")
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path"):  # where FastAPI found it; OpenAI names the parameter
+        loc = loc[1:]
     message = first.get("msg", "invalid request")
     param = ".".join(loc) or None
     return InvalidRequest(f"{param}: {message}" if param else message, param=param, code="invalid_value")

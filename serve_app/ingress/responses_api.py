@@ -306,6 +306,32 @@ def passed_through(echo: Echo, response: dict[str, Any]) -> dict[str, Any]:
             "store": echo.body.store, "model": echo.model or response.get("model")}
 
 
+def input_item_page(items: list[Item], response_id: str, *, order: str, limit: int,
+                    after: str | None) -> dict[str, Any]:
+    """``GET /v1/responses/{id}/input_items``: a page of the items a response answered, as OpenAI lists
+    them (each with an id; a message's text content as parts)."""
+    listed = [_listed(item, i, response_id) for i, item in enumerate(items)]
+    if order == "desc":
+        listed.reverse()
+    if after is not None:
+        ids = [item["id"] for item in listed]
+        listed = listed[ids.index(after) + 1:] if after in ids else []
+    page = listed[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(listed) > limit}
+
+
+def _listed(item: Item, index: int, response_id: str) -> Item:
+    listed = {"id": f"item_{index}_{response_id}", "type": "message", **item}
+    if listed["type"] == "message":
+        content = listed.get("content")
+        if isinstance(content, str):
+            kind = "output_text" if listed.get("role") == "assistant" else "input_text"
+            listed["content"] = [{"type": kind, "text": content}]
+        listed.setdefault("status", "completed")
+    return listed
+
+
 # --- stream ----------------------------------------------------------------------------------------
 
 Keep = Callable[[dict[str, Any]], Awaitable[bool]]

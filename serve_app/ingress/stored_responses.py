@@ -64,6 +64,14 @@ class StoredResponses:
         response: dict[str, Any] = entry["response"]
         return response
 
+    async def input_items(self, key_id: str, response_id: str) -> list[Item]:
+        """The items the response answered: the conversation it continued and its own input."""
+        entry = await self._read(key_id, response_id)
+        if entry is None:
+            raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+        items: list[Item] = entry.get("items") or []
+        return items[:len(items) - len(entry["response"].get("output") or [])]
+
     async def delete(self, key_id: str, response_id: str) -> None:
         if await self._read(key_id, response_id) is None:
             raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")

@@ -163,6 +163,8 @@ def test_responses_create_and_continue(client: OpenAI, model: str) -> None:
     # The second turn carried the first: more input tokens than its own words.
     assert second.usage is not None and second.usage.input_tokens > first.usage.output_tokens
     assert client.responses.retrieve(first.id).output_text == first.output_text
+    items = client.responses.input_items.list(second.id, order="asc").data
+    assert [item.role for item in items] == ["user", "assistant", "user"]  # type: ignore[union-attr]
     client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(first.id)

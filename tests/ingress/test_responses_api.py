@@ -141,6 +141,29 @@ async def test_previous_response_id_continues_the_conversation_for_its_key_only(
     assert (await client.get(f"/v1/responses/{first['id']}", headers=auth_headers)).status_code == 404
 
 
+async def test_input_items_list_what_a_response_answered(client: httpx.AsyncClient,
+                                                         auth_headers: dict[str, str]) -> None:
+    first = (await create(client, auth_headers, input="one")).json()
+    second = (await create(client, auth_headers, input=[{"role": "user", "content": "two"}],
+                           previous_response_id=first["id"])).json()
+    url = f"/v1/responses/{second['id']}/input_items"
+    page = (await client.get(url, headers=auth_headers, params={"order": "asc"})).json()
+    assert [(i["type"], i["role"], i["content"][0]["text"]) for i in page["data"]] == [
+        ("message", "user", "one"), ("message", "assistant", expected_reply("one")),
+        ("message", "user", "two")]
+    ids = [i["id"] for i in page["data"]]
+    assert len(set(ids)) == 3
+    assert (page["first_id"], page["last_id"], page["has_more"]) == (ids[0], ids[2], False)
+    newest = (await client.get(url, headers=auth_headers, params={"limit": 2})).json()  # desc by default
+    assert [i["id"] for i in newest["data"]] == ids[:0:-1] and newest["has_more"] is True
+    after = {"limit": 2, "after": newest["last_id"]}
+    rest = (await client.get(url, headers=auth_headers, params=after)).json()
+    assert [i["id"] for i in rest["data"]] == ids[:1] and rest["has_more"] is False
+    assert (await client.get(url, headers=await new_key(client))).status_code == 404
+    bad = await client.get(url, headers=auth_headers, params={"limit": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
+
+
 async def test_store_false_is_not_kept(client: httpx.AsyncClient, auth_headers: dict[str, str]) -> None:
     response = (await create(client, auth_headers, input="forget me", store=False)).json()
     assert response["store"] is False

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from starlette.responses import Response
 
 from serve_app.errors import ModelNotFound, NotFound
@@ -14,6 +14,7 @@ from serve_app.ingress.fast_path import ModelRoute
 from serve_app.ingress.gateway import Gateway
 from serve_app.ingress.jobs import ClassifyJob, EmbedJob, GenerateJob, InferJob, ResponsesJob
 from serve_app.ingress.render import render
+from serve_app.ingress.responses_api import input_item_page
 from serve_app.ingress.stored_responses import StoredResponses
 from serve_app.registry.catalog import ModelGroup, ModelSpec
 from serve_app.schemas import (
@@ -78,6 +79,14 @@ async def create_response(body: ResponsesRequest, call: Call) -> Response:
 async def get_response(response_id: str, gateway: GatewayDep, key: InferenceKey) -> dict[str, Any]:
     """A stored response, to the key that made it (serve_app/ingress/stored_responses.py)."""
     return await _stored(gateway).response(key.id, response_id)
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(response_id: str, gateway: GatewayDep, key: InferenceKey,
+                           order: Literal["asc", "desc"] = "desc", limit: int = Query(20, ge=1, le=100),
+                           after: str | None = None) -> dict[str, Any]:
+    items = await _stored(gateway).input_items(key.id, response_id)
+    return input_item_page(items, response_id, order=order, limit=limit, after=after)
 
 
 @router.delete("/v1/responses/{response_id}")
