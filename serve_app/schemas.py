@@ -111,6 +111,10 @@ class ResponseText(_Open):
     format: ResponseTextFormat = Field(default_factory=ResponseTextFormat)
 
 
+# The events that end a Responses API stream (no ``[DONE]`` follows them); the last carries the usage.
+RESPONSE_END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
 class ResponsesRequest(_Open):
     """``POST /v1/responses``. Items in ``input`` are checked as they are translated (the error names
     ``input[i]...``): their kinds are many and a provider that speaks this API takes them as sent."""

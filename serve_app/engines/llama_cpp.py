@@ -32,8 +32,8 @@ from typing import Any, TypeVar
 from serve_app.engines.base import EngineBase, new_id, now, usage
 from serve_app.engines.llama_logprobs import LogprobReader, TokenLogprob, annotator
 from serve_app.engines.llama_requests import Call, Piece, choice, piece, plan, stream_chunk, text_offset
-from serve_app.engines.llama_tools import tool_calls
 from serve_app.engines.slots import RunSlots
+from serve_app.engines.structured import CallOrText
 from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
 from serve_app.fair_queue import NO_TURN, Turn
 from serve_app.registry.catalog import ModelSpec, resolve_source
@@ -378,23 +378,16 @@ async def _calls_or_text(pieces: AsyncIterator[Piece], frame: Callable[..., dict
     """A stream that may be a tool call: text streams as it comes once its first character says it is
     not a call (``{``); a call is held until whole and sent as one ``tool_calls`` delta, as the SDKs
     accept, then ``finish_reason: "tool_calls"``. Only text carries logprobs (``annotate``)."""
-    held: list[str] = []
+    answer = CallOrText()
     finish: str | None = None
-    text_started = False
     async for text, finish_reason in pieces:
-        if text_started:
-            yield frame(text=text, finish_reason=finish_reason, logprobs=annotate(text))
-            continue
-        held.append(text)
         finish = finish_reason or finish
-        start = "".join(held).lstrip()
-        if start and not start.startswith("{"):
-            text_started = True
-            yield frame(text="".join(held), finish_reason=finish_reason, logprobs=annotate("".join(held)))
-    if text_started:
+        sendable = answer.feed(text)
+        if answer.is_text:
+            yield frame(text=sendable, finish_reason=finish_reason, logprobs=annotate(sendable))
+    if answer.is_text:
         return
-    whole = "".join(held)
-    calls = tool_calls(whole)
+    whole, calls = answer.end()
     if calls is None:  # cut short by max_tokens: what there is, as text
         yield frame(text=whole, finish_reason=finish, logprobs=annotate(whole))
         return

@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve_app.engines.llama_logprobs import Cover, TokenLogprob, render
-from serve_app.engines.llama_tools import gbnf_for, message_text, tool_calls, tool_use
+from serve_app.engines.llama_tools import gbnf_for
 from serve_app.engines.structured import (
+    message_text,
     refuse_unsupported,
     refuse_unsupported_message,
     requested_logprobs,
     response_schema,
+    tool_calls,
+    tool_use,
 )
 from serve_app.errors import InvalidRequest, UnsupportedParameter
 from serve_app.schemas import ChatCompletionRequest, CompletionRequest, GenerateRequest

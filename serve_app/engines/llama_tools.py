@@ -17,9 +17,7 @@ What a call looks like and when the answer may be one is the same for every engi
 
 from __future__ import annotations
 
-from serve_app.engines.structured import ToolUse, message_text, tool_calls, tool_use
-
-__all__ = ["ToolUse", "gbnf_for", "message_text", "tool_calls", "tool_use"]
+from serve_app.engines.structured import ToolUse
 
 
 def gbnf_for(use: ToolUse, call_gbnf: str) -> str:

@@ -45,7 +45,7 @@ from serve_app.errors import (
 )
 from serve_app.fair_queue import NO_TURN, Turn
 from serve_app.registry.catalog import ModelSpec, ProviderSpec
-from serve_app.schemas import ChatCompletionRequest, EmbeddingRequest, GenerateRequest
+from serve_app.schemas import RESPONSE_END_EVENTS, ChatCompletionRequest, EmbeddingRequest, GenerateRequest
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ HEALTH_TIMEOUT_S = 3.0
 # Upstream messages can quote our key prefix or organisation id; neither belongs in a caller's response.
 _SECRETS = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|org-[A-Za-z0-9]{6,})")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 class UpstreamClient:
@@ -190,7 +189,7 @@ class RemoteEngine(EngineBase):
         body = {**body, "model": self._model or body["model"], "stream": True}
         async with (
             self._open("responses", body) as response,
-            aclosing(self._chunks(response, last_events=_RESPONSE_ENDS)) as chunks,
+            aclosing(self._chunks(response, last_events=RESPONSE_END_EVENTS)) as chunks,
         ):
             async for chunk in chunks:
                 yield chunk

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from serve_app.engines.base import new_id
+from serve_app.engines.base import new_id, now
 from serve_app.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
 from serve_app.fair_queue import Turn
 from serve_app.ingress import responses_api
@@ -155,6 +155,8 @@ class ResponsesJob(Job):
         self.model = body.model
         self.streaming = body.stream
         self._history: list[responses_api.Item] = []
+        # The conversation this response answers: the stored one it continues, then its own input.
+        self._conversation: list[responses_api.Item] = []
         self._translation = responses_api.Translation(None)
         self._routed: responses_api.ResponsesAsChat | None = None
         self._stored: StoredResponses | None = None
@@ -170,6 +172,7 @@ class ResponsesJob(Job):
                     "(IIR_RESPONSES_BACKEND=off); send the whole conversation as input",
                     param="previous_response_id")
             self._history = await self._stored.conversation(self._key_id, self.body.previous_response_id)
+        self._conversation = [*self._history, *responses_api.input_items(self.body)]
         self._translation = responses_api.to_chat(self.body, self._history)
 
     def conversation(self) -> Conversation:
@@ -194,8 +197,7 @@ class ResponsesJob(Job):
         """The request for a provider that speaks the Responses API: as it came, with the stored
         conversation written out (IIR keeps conversations, so the provider is asked not to)."""
         body = self.body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude_none=True)
-        body.update(model=route.spec.id, input=[*self._history, *responses_api.input_items(self.body)],
-                    store=False)
+        body.update(model=route.spec.id, input=self._conversation, store=False)
         body.pop("previous_response_id", None)
         return body
 
@@ -218,7 +220,7 @@ class ResponsesJob(Job):
         return True  # the usage chunk becomes the response's usage (present drops it)
 
     async def present(self, ctx: RequestContext, answer: Answer) -> Answer:
-        echo = responses_api.Echo(responses_api.new_item_id("resp"), responses_api.now(), self.body,
+        echo = responses_api.Echo(responses_api.new_item_id("resp"), now(), self.body,
                                   model=ctx.model)
         if not answer.streaming:
             assert answer.body is not None
@@ -240,8 +242,7 @@ class ResponsesJob(Job):
     async def _keep(self, response: dict[str, Any]) -> bool:
         if not self.body.store or self._stored is None:
             return False
-        return await self._stored.keep(self._key_id, response,
-                                       [*self._history, *responses_api.input_items(self.body)])
+        return await self._stored.keep(self._key_id, response, self._conversation)
 
 
 def _speaks_responses(route: Route) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 from serve_app import metrics
 from serve_app.ingress.rate_limit import RateLimiter
 from serve_app.ingress.usage_recorder import UsageRecorder
-from serve_app.schemas import GenerateRequest, StreamOptions
+from serve_app.schemas import RESPONSE_END_EVENTS, GenerateRequest, StreamOptions
 
 
 class Meter:
@@ -54,7 +54,7 @@ class Meter:
                 answered = True
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-                elif chunk.get("type") in _RESPONSE_ENDS:  # a provider's own Responses API events
+                elif chunk.get("type") in RESPONSE_END_EVENTS:  # a provider's own Responses API events
                     usage = (chunk.get("response") or {}).get("usage")
                 if strip_usage and "usage" in chunk:
                     if not chunk.get("choices"):
@@ -69,9 +69,6 @@ class Meter:
             close = getattr(chunks, "aclose", None)
             if close is not None:
                 await close()
-
-
-_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def with_stream_usage(body: GenerateRequest) -> GenerateRequest:

@@ -16,7 +16,6 @@ remote (docs/API.md, "Responses").
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from serve_app.errors import IIRError, InvalidRequest, UnsupportedParameter, UpstreamError
-from serve_app.schemas import ChatCompletionRequest, ResponsesRequest
+from serve_app.schemas import RESPONSE_END_EVENTS, ChatCompletionRequest, ResponsesRequest
 
 Item = dict[str, Any]
 # Output items' ids: the kind's prefix and 48 hex digits, as OpenAI's look.
@@ -209,10 +208,6 @@ def _response_format(body: ResponsesRequest) -> dict[str, Any] | None:
         if value is not None:
             schema[name] = value
     return {"type": "json_schema", "json_schema": schema}
-
-
-def conversation_text(chat: ChatCompletionRequest) -> list[tuple[str, str]]:
-    return [(m.role, m.text()) for m in chat.messages]
 
 
 # --- answer ----------------------------------------------------------------------------------------
@@ -483,10 +478,7 @@ async def passed_through_events(echo: Echo, keep: Keep, events: AsyncIterator[di
         response = event.get("response")
         if isinstance(response, dict):
             event["response"] = response = passed_through(echo, response)
-            if event.get("type") in ("response.completed", "response.incomplete", "response.failed"):
+            if event.get("type") in RESPONSE_END_EVENTS:
                 response["store"] = await keep(response)
         yield event
 
-
-def now() -> int:
-    return int(time.time())

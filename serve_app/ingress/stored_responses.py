@@ -34,8 +34,8 @@ class StoredResponses:
 
     async def keep(self, key_id: str, response: dict[str, Any], conversation: list[Item]) -> bool:
         """Store a response with its conversation; False when it could not be."""
-        output = [item for item in response.get("output") or []]
-        raw = json.dumps({"key": key_id, "items": [*conversation, *output], "response": response},
+        raw = json.dumps({"key": key_id, "items": [*conversation, *(response.get("output") or [])],
+                          "response": response},
                          separators=(",", ":"), ensure_ascii=False).encode()
         if len(raw) > self._max_bytes:
             logger.info("response %s not stored: %d bytes, over IIR_RESPONSES_MAX_BYTES", response["id"],
